@@ -1,0 +1,140 @@
+"""The `hpml` command line: thin click commands that parse options, look up the variant and call hpml."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from hpml.config import REPORT_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig
+from hpml.errors import HpmlError
+
+TYPES = {"string": str, "int": int, "float": float}
+
+
+def options(params: list[Param]):
+    """Turn the declared parameters into click options (one declaration feeds CLI and the MLproject test)."""
+
+    def wrap(f):
+        for p in reversed(params):
+            opt = "--" + p.name.replace("_", "-")
+            f = click.option(opt, p.name, type=TYPES[p.type], default=p.default, required=p.default is None,
+                             show_default=p.default not in (None, ""), help=p.help)(f)
+        return f
+
+    return wrap
+
+
+def one_line_errors(f):
+    """User errors end as one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(f)
+    def run(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except HpmlError as exc:
+            click.echo(f"hpml: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return run
+
+
+def parse_bool(name: str, value: str) -> bool:
+    v = str(value).strip().lower()
+    if v not in ("true", "false", "1", "0", "yes", "no"):
+        raise HpmlError(f"{name} must be true or false, got {value!r}")
+    return v in ("true", "1", "yes")
+
+
+def parse_lr(value: str):
+    if value in ("", None):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise HpmlError(f"lr must be a number or empty (the variant's own), got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """hpml: efficient fine-tuning of BERT on SQuAD v2 and SST-2, measured and compared in MLflow."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@main.command("variants")
+@click.option("--task", type=click.Choice(["squad", "sst2"]), default=None, help="only this task's variants")
+def variants_cmd(task):
+    """List the variant catalog: ID, task, CUDA need, description."""
+    from hpml.variants import variants_for
+
+    for v in variants_for(task):
+        cuda = "cuda" if v.requires_cuda else "any "
+        click.echo(f"{v.id:7} {v.task:6} {cuda}  {v.description}")
+
+
+def _train(task: str, kw: dict):
+    from hpml.training import run_training
+
+    cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
+                                    "lr": parse_lr(kw["lr"])})
+    summary = run_training(cfg)
+    m = summary["metrics"]
+    headline = ("eval_exact", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1") if task == "squad" else ("eval_accuracy",)
+    shown = ", ".join(f"{k}={m[k]:.4g}" for k in headline + ("train_runtime_s", "train_samples_per_s") if k in m)
+    click.echo(f"run {summary['run_id']} ({summary['variant']}): {shown}")
+    if "registered" in summary:
+        champ = " (champion)" if summary["champion"] else ""
+        click.echo(f"registered {summary['registered']} version {summary['version']}{champ}")
+
+
+@main.command("train-sst2")
+@options(SST2_PARAMS)
+@one_line_errors
+def train_sst2(**kw):
+    """Fine-tune on SST-2 with one variant; log to MLflow and register the model."""
+    _train("sst2", kw)
+
+
+@main.command("train-squad")
+@options(SQUAD_PARAMS)
+@one_line_errors
+def train_squad(**kw):
+    """Fine-tune on SQuAD v2 with one variant; score like the official evaluator; log and register."""
+    _train("squad", kw)
+
+
+@main.command("score")
+@click.option("--data", "data_path", required=True, help="official-format SQuAD v2 JSON (dev-v2.0.json)")
+@click.option("--preds", "preds_path", required=True, help="predictions JSON {question id: answer text}")
+@click.option("--na-probs", "na_probs_path", default=None, help="no-answer probabilities JSON (null_odds.json)")
+@one_line_errors
+def score(data_path, preds_path, na_probs_path):
+    """Score predictions exactly like the official SQuAD v2 evaluator (same JSON keys)."""
+    from hpml.metrics import squad_v2
+
+    click.echo(json.dumps(squad_v2.score_files(data_path, preds_path, na_probs_path), indent=2))
+
+
+@main.command("make-data")
+@click.argument("task", type=click.Choice(["squad", "sst2"]))
+@click.option("--out", required=True, help="output folder")
+@click.option("--train", "n_train", type=int, default=None, help="training rows/questions")
+@click.option("--dev", "n_dev", type=int, default=None, help="dev rows/questions")
+@click.option("--seed", type=int, default=0, show_default=True)
+@one_line_errors
+def make_data(task, out, n_train, n_dev, seed):
+    """Generate official-format data: SQuAD v2 JSON or GLUE SST-2 TSV (for tests, demos, benchmarks)."""
+    from hpml.data import synthetic
+
+    if task == "squad":
+        paths = synthetic.write_squad(out, n_train or 2000, n_dev or 500, seed)
+    else:
+        paths = synthetic.write_sst2(out, n_train or 4000, n_dev or 500, seed)
+    for p in paths:
+        click.echo(p)
+
+
+if __name__ == "__main__":
+    main()

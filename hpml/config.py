@@ -1,0 +1,95 @@
+"""The parameters of each command, declared once: click options and the MLproject test both read this."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # MLproject type: string | float | int (booleans are "true|false" strings)
+    default: Any
+    help: str
+
+
+def _common(task: str, *, model_default: str, max_train: int, batch: int, eval_batch: int, max_len: int,
+            epochs: float) -> list[Param]:
+    return [
+        Param("variant", "string", None, f"variant ID from the catalog (hpml variants --task {task})"),
+        Param("model", "string", model_default,
+              "hub ID, local checkpoint folder, 'minilm' (the installed all-MiniLM-L6-v2) or random:<size>"),
+        Param("data_dir", "string", "", "folder with the official-format files; empty = the hub dataset"),
+        Param("max_train_samples", "int", max_train, "use the first N training examples (0 = all)"),
+        Param("max_eval_samples", "int", 0, "use the first N evaluation examples (0 = all)"),
+        Param("epochs", "float", epochs, "training epochs (ignored when max_steps > 0)"),
+        Param("max_steps", "int", 0, "stop after N optimizer steps (0 = train by epochs)"),
+        Param("batch_size", "int", batch, "training batch size"),
+        Param("eval_batch_size", "int", eval_batch, "evaluation batch size (latency is measured at this size)"),
+        Param("max_length", "int", max_len, "maximum tokens per sequence (SQuAD: per window)"),
+        Param("lr", "string", "", "learning rate; empty = the variant's own"),
+        Param("seed", "int", 42, "seed for initialisation, shuffling and dropout"),
+        Param("experiment", "string", f"hpml-{task}",
+              "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
+        Param("register", "string", "true", "register the model in the MLflow Model Registry (true|false)"),
+        Param("purpose", "string", "real", "tag separating demo | test | real runs in the report and aliases"),
+    ]
+
+
+SST2_PARAMS: list[Param] = _common("sst2", model_default="bert-base-uncased", max_train=20000, batch=16,
+                                   eval_batch=32, max_len=128, epochs=2.0)
+SQUAD_PARAMS: list[Param] = _common("squad", model_default="bert-base-uncased", max_train=0, batch=16,
+                                    eval_batch=64, max_len=384, epochs=2.0) + [
+    Param("doc_stride", "int", 128, "overlap in tokens between consecutive windows of a long context"),
+    Param("n_best", "int", 20, "candidate start/end positions per window in postprocessing"),
+    Param("max_answer_length", "int", 30, "longest answer span in tokens"),
+    Param("null_threshold", "float", 0.0, "predict no answer when null score - best span score > this"),
+]
+VRAM_PARAMS: list[Param] = [
+    Param("variant", "string", None, "variant ID (either task)"),
+    Param("task", "string", "", "squad | sst2; empty = the variant's own task"),
+    Param("batch_size", "int", 8, "batch size of the probed step (the study used 8)"),
+    Param("seq_len", "int", 0, "sequence length; 0 = 384 for squad, 128 for sst2"),
+    Param("precision", "string", "fp16", "autocast dtype of the probed step: fp16 (as the study) | bf16"),
+    Param("model", "string", "bert-base-uncased", "hub ID, local checkpoint folder, 'minilm' or random:<size>"),
+    Param("experiment", "string", "hpml-vram", "MLflow experiment for direct hpml commands"),
+    Param("purpose", "string", "real", "demo | test | real"),
+]
+REPORT_PARAMS: list[Param] = [
+    Param("tracking_uri", "string", "", "tracking server or store; empty = the current one (MLFLOW_TRACKING_URI)"),
+    Param("out", "string", "report", "folder for tables and plots"),
+    Param("formats", "string", "md,csv,tex", "comma-separated table formats: md, csv, tex"),
+    Param("experiments", "string", "", "comma-separated experiment names; empty = the hpml experiments"),
+    Param("purpose", "string", "", "only runs with this purpose tag (demo | test | real); empty = all"),
+]
+
+COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "vram_probe": VRAM_PARAMS,
+                  "report": REPORT_PARAMS}
+
+
+@dataclass
+class TrainConfig:
+    """Resolved options of one training run (both tasks); logged as params verbatim."""
+
+    task: str
+    variant: str
+    model: str
+    data_dir: str = ""
+    max_train_samples: int = 0
+    max_eval_samples: int = 0
+    epochs: float = 2.0
+    max_steps: int = 0
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    max_length: int = 128
+    lr: Optional[float] = None  # None = the variant's own
+    seed: int = 42
+    experiment: str = ""
+    register: bool = True
+    purpose: str = "real"
+    # SQuAD only
+    doc_stride: int = 128
+    n_best: int = 20
+    max_answer_length: int = 30
+    null_threshold: float = 0.0
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,63 @@
+"""SST-2: read GLUE-format TSV files (or the hub's GLUE sst2), validate them, tokenize for classification."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from hpml.errors import HpmlError
+
+HEADER = ["sentence", "label"]
+FILES = {"train": "train.tsv", "validation": "dev.tsv"}
+
+
+def read_tsv(path: str) -> dict[str, list]:
+    """Parse a GLUE SST-2 TSV: header `sentence<TAB>label`, labels 0/1. Quotes are literal text (no CSV quoting)."""
+    if not os.path.isfile(path):
+        raise HpmlError(f"SST-2 file {path} not found: data_dir must hold GLUE-format train.tsv and dev.tsv "
+                        "(hpml make-data sst2 --out DIR writes a generated pair)")
+    sentences, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if header != HEADER:
+            raise HpmlError(f"{path}: header is {header!r}, expected 'sentence<TAB>label' (GLUE SST-2 format)")
+        for lineno, line in enumerate(f, start=2):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or parts[1].strip() not in ("0", "1"):
+                raise HpmlError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {line[:60]!r}")
+            sentences.append(parts[0].strip())
+            labels.append(int(parts[1]))
+    if not sentences:
+        raise HpmlError(f"{path}: no rows after the header")
+    return {"sentence": sentences, "label": labels}
+
+
+def load_sst2(data_dir: Optional[str], split: str, max_samples: int = 0):
+    """First `max_samples` rows (0 = all) of a split, from data_dir or the hub's nyu-mll/glue sst2."""
+    import datasets
+
+    if data_dir:
+        ds = datasets.Dataset.from_dict(read_tsv(os.path.join(data_dir, FILES[split])))
+    else:
+        try:
+            ds = datasets.load_dataset("nyu-mll/glue", "sst2", split=split).select_columns(HEADER)
+        except Exception as exc:
+            raise HpmlError(f"cannot load GLUE sst2 from the hub ({type(exc).__name__}): pass data_dir with "
+                            "GLUE-format train.tsv/dev.tsv") from None
+    if max_samples and max_samples < len(ds):
+        ds = ds.select(range(max_samples))
+    return ds
+
+
+def tokenize(ds, tokenizer, max_length: int):
+    """Unpadded features (the collator pads per batch) with a `length` column for length grouping."""
+
+    def fn(batch):
+        enc = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
+        enc["labels"] = batch["label"]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenizing SST-2")

@@ -1,0 +1,237 @@
+"""Every MLflow call hpml makes: run setup, tag/param/metric names, artifacts, registry and aliases."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from typing import Iterator, Optional
+
+from hpml.errors import HpmlError, UsageError
+
+# ---- names: the report and the tests read these, never string literals -------------------------------
+# Tags
+TAG_VARIANT = "variant"  # lower-case variant ID
+TAG_TASK = "task"  # squad | sst2 | vram | report
+TAG_PURPOSE = "purpose"  # demo | test | real
+TAG_FINGERPRINT = "data_fingerprint"
+TAG_GIT_COMMIT = "git_commit"
+TAG_DEVICE = "device"  # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
+TAG_CONFIG_HASH = "config_hash"
+TAG_PRECISION = "precision"  # resolved: fp32 | fp16 | bf16
+TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
+
+PURPOSES = ("demo", "test", "real")
+TASKS = ("squad", "sst2", "vram", "report")
+
+# Metrics shared by both tasks (units in the names)
+M_TRAIN_LOSS = "train_loss"
+M_TRAIN_RUNTIME = "train_runtime_s"
+M_TRAIN_SPS = "train_samples_per_s"  # SQuAD: features (windows) per second
+M_EVAL_RUNTIME = "eval_runtime_s"
+M_EVAL_SPS = "eval_samples_per_s"
+M_EVAL_MS = "eval_ms_per_sample"  # latency per sample in the eval loop
+M_TRAINABLE = "trainable_params"
+M_TOTAL = "total_params"
+M_TRAINABLE_PCT = "trainable_pct"
+M_TRAINABLE_PCT_FULL = "trainable_pct_of_full_arch"
+M_FULL_ARCH_PARAMS = "full_arch_params"
+M_PEAK_TRAIN_ALLOC = "peak_train_vram_allocated_mib"
+M_PEAK_TRAIN_RESERVED = "peak_train_vram_reserved_mib"
+M_VRAM_AFTER_LOAD = "vram_after_load_mib"
+M_PEAK_EVAL_VRAM = "peak_eval_vram_mib"
+
+# SST-2
+M_ACCURACY = "eval_accuracy"  # fraction 0–1
+
+# SQuAD v2: the official evaluator's keys with an eval_ prefix, in percent 0–100
+SQUAD_KEYS = ("exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact",
+              "NoAns_f1", "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh")
+M_EXACT = "eval_exact"
+M_F1 = "eval_f1"
+
+# VRAM probe
+M_PROBE_ALLOC = "peak_vram_allocated_mib"
+M_PROBE_RESERVED = "peak_vram_reserved_mib"
+M_DEVICE_TOTAL = "device_total_mib"
+M_MEM_PARAMS = "vram_params_mib"
+M_MEM_GRADS = "vram_grads_mib"
+M_MEM_OPTIMIZER = "vram_optimizer_mib"
+M_MEM_ACTIVATIONS = "vram_activations_mib"
+
+HEADLINE = {"squad": M_F1, "sst2": M_ACCURACY}  # the metric the champion alias compares
+
+DEFAULT_EXPERIMENT = {"squad": "hpml-squad", "sst2": "hpml-sst2", "vram": "hpml-vram", "report": "hpml-report"}
+CHAMPION = "champion"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def registered_model_name(task: str, variant_id: str) -> str:
+    return f"hpml-{task}-{variant_id.lower()}"
+
+
+# ---- connection --------------------------------------------------------------------------------------
+
+
+def tracking_uri(explicit: str = "") -> str:
+    """Explicit URI, else MLFLOW_TRACKING_URI, else the project's SQLite default."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def connect(explicit: str = "") -> str:
+    """Point MLflow at the store; for a server, fail fast (5 s) instead of the client's ~4 min of retries."""
+    import mlflow
+
+    uri = tracking_uri(explicit)
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                ok = resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise HpmlError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
+                            "(mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db")
+        if not ok:
+            raise HpmlError(f"tracking server {uri} answered /health with an error: check the server's log")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+# ---- provenance tags ----------------------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "mlflow", "hpml"):
+        try:
+            out[TAG_VERSIONS_PREFIX + pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+# ---- runs ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def run(task: str, run_name: str, experiment: str, tags: dict[str, str], params: dict[str, object]) -> Iterator[str]:
+    """One MLflow run: joins the run `mlflow run` created (MLFLOW_RUN_ID), else creates one in `experiment`.
+
+    Ends FINISHED only when the body returns; any exception ends it FAILED and propagates.
+    """
+    import mlflow
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        active = mlflow.start_run(run_id=run_id)
+        exp = mlflow.get_experiment(active.info.experiment_id)
+        if experiment and experiment not in (exp.name, DEFAULT_EXPERIMENT.get(task)):
+            mlflow.end_run("FAILED")
+            raise UsageError(f"experiment={experiment!r} cannot move a run that mlflow run created in "
+                             f"{exp.name!r}: use mlflow run --experiment-name {experiment} instead")
+    else:
+        exp = mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT[task])
+        active = mlflow.start_run(run_name=run_name)
+    try:
+        mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
+                         TAG_DEVICE: device_name(), **library_versions(), **tags})
+        log_params(params)
+        yield active.info.run_id
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_params(params: dict[str, object]) -> None:
+    import mlflow
+
+    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_artifacts(local_dir: str, artifact_path: Optional[str] = None) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(local_dir, artifact_path)
+
+
+def log_dict(obj: object, name: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(obj, name)
+
+
+# ---- registry -----------------------------------------------------------------------------------------
+def register_model(export_dir: str, task: str, variant_id: str, metrics: dict[str, float],
+                   tags: dict[str, str]) -> tuple[str, int, bool]:
+    """Log the export as an hpml pyfunc, register a new version, move `champion` by the rule in CONVENTIONS.
+
+    Returns (registered name, version, became_champion). A failure after the version exists deletes it:
+    a failed run leaves no registry entry behind.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from hpml import serving
+
+    name = registered_model_name(task, variant_id)
+    info = mlflow.pyfunc.log_model(name="model", python_model=serving.HpmlPyfunc(),
+                                   artifacts={"export": export_dir}, signature=serving.signature(task),
+                                   pip_requirements=serving.pip_requirements())
+    client = MlflowClient()
+    version = None
+    try:
+        mv = mlflow.register_model(info.model_uri, name, tags={TAG_VARIANT: variant_id, **tags})
+        version = int(mv.version)
+        headline = HEADLINE[task]
+        for key, value in metrics.items():
+            if key in (headline, M_EXACT, M_ACCURACY, M_F1):
+                client.set_model_version_tag(name, str(version), key, repr(float(value)))
+        client.set_model_version_tag(name, str(version), "run_id", mlflow.active_run().info.run_id)
+        became = should_become_champion(client, name, version, task, metrics[headline], tags)
+        if became:
+            client.set_registered_model_alias(name, CHAMPION, str(version))
+        return name, version, became
+    except BaseException:
+        if version is not None:
+            client.delete_model_version(name, str(version))
+        raise
+
+
+def should_become_champion(client, name: str, version: int, task: str, value: float, tags: dict[str, str]) -> bool:
+    """First version: yes. Otherwise compare with the champion only within the same purpose + data
+    fingerprint (strictly greater wins); a `real` version displaces a demo/test champion."""
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # no champion yet
+        return True
+    same_group = all(champ.tags.get(k) == tags.get(k) for k in (TAG_PURPOSE, TAG_FINGERPRINT))
+    if not same_group:
+        return tags.get(TAG_PURPOSE) == "real" and champ.tags.get(TAG_PURPOSE) != "real"
+    champ_value = champ.tags.get(HEADLINE[task])
+    return champ_value is None or value > float(champ_value)
