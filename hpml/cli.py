@@ -79,7 +79,7 @@ def _train(task: str, kw: dict):
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
-    summary = run_training(cfg)
+    summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
     m = summary["metrics"]
     headline = ("eval_exact", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1") if task == "squad" else ("eval_accuracy",)
     shown = ", ".join(f"{k}={m[k]:.4g}" for k in headline + ("train_runtime_s", "train_samples_per_s") if k in m)
@@ -103,6 +103,17 @@ def train_sst2(**kw):
 def train_squad(**kw):
     """Fine-tune on SQuAD v2 with one variant; score like the official evaluator; log and register."""
     _train("squad", kw)
+
+
+@main.command("vram-probe")
+@options(VRAM_PARAMS)
+@one_line_errors
+def vram_probe(**kw):
+    """Peak training-step VRAM of a variant (the study's method) and where it goes. Needs CUDA."""
+    from hpml.probe import ProbeConfig, run_probe
+
+    m = run_probe(ProbeConfig(**kw))
+    click.echo(", ".join(f"{k}={v:.1f}" for k, v in m.items() if k.endswith("_mib")))
 
 
 @main.command("score")

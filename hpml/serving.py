@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import torch
 
 from hpml.errors import HpmlError
@@ -178,9 +179,7 @@ def predict_squad(loaded: Loaded, questions: list[str], contexts: list[str], bat
     return [{k: by_id[str(i)][k] for k in OUTPUT_COLUMNS["squad"]} for i in range(len(questions))]
 
 
-def predict_frame(loaded: Loaded, frame):
-    import pandas as pd
-
+def predict_frame(loaded: Loaded, frame: pd.DataFrame) -> pd.DataFrame:
     task = loaded.meta["task"]
     check_columns(task, frame)
     if task == "sst2":
@@ -200,7 +199,7 @@ class HpmlPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.loaded = load_export(context.artifacts["export"], base_model=os.environ.get("HPML_BASE_MODEL"))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return predict_frame(self.loaded, model_input)
 
 

@@ -127,9 +127,12 @@ def device_name() -> str:
 
 # ---- runs ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def run(task: str, run_name: str, experiment: str, tags: dict[str, str], params: dict[str, object]) -> Iterator[str]:
+def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs: dict[str, object],
+        resolved: dict[str, object]) -> Iterator[str]:
     """One MLflow run: joins the run `mlflow run` created (MLFLOW_RUN_ID), else creates one in `experiment`.
 
+    Params: the inputs as given under their plain names (mlflow run logs those itself, as typed) and the
+    resolved configuration under `resolved.*` / `variant.*`, so every run has the same keys either way.
     Ends FINISHED only when the body returns; any exception ends it FAILED and propagates.
     """
     import mlflow
@@ -148,7 +151,9 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], params:
     try:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
                          TAG_DEVICE: device_name(), **library_versions(), **tags})
-        log_params(params)
+        already = mlflow.get_run(active.info.run_id).data.params
+        log_params({k: v for k, v in inputs.items() if k not in already})
+        log_params(resolved)
         yield active.info.run_id
     except BaseException:
         mlflow.end_run("FAILED")

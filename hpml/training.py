@@ -202,20 +202,21 @@ def build_trainer(task, variant: Variant, cfg: TrainConfig, built: modeling.Buil
 
 # ---- the run ---------------------------------------------------------------------------------------------
 def resolve_params(cfg: TrainConfig, variant: Variant, precision: str) -> dict[str, object]:
+    """The configuration the run really used: defaults filled in, variant settings flattened."""
     params = {k: v for k, v in asdict(cfg).items() if k != "extra"}
     if cfg.task == "sst2":
         for k in ("doc_stride", "n_best", "max_answer_length", "null_threshold"):
             params.pop(k)
     params["lr"] = cfg.lr if cfg.lr is not None else variant.optimizer.lr
     params["precision"] = precision
-    return {**params, **variant.to_params()}
+    return {**{f"resolved.{k}": v for k, v in params.items()}, **variant.to_params()}
 
 
 def cache_dir() -> str:
     return os.environ.get("HPML_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hpml")
 
 
-def run_training(cfg: TrainConfig) -> dict[str, object]:
+def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -> dict[str, object]:
     """Train, evaluate, log and register one variant. Returns a summary (metrics, run id, registry version)."""
     task = TASKS[cfg.task]
     variant = get_variant(cfg.variant, cfg.task)
@@ -236,7 +237,7 @@ def run_training(cfg: TrainConfig) -> dict[str, object]:
         params = resolve_params(cfg, variant, precision)
         tags[tracking.TAG_CONFIG_HASH] = fingerprint({k: str(v) for k, v in params.items()
                                                      if k not in ("experiment", "register")})
-        with tracking.run(cfg.task, variant.id, cfg.experiment, tags, params) as run_id:
+        with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params) as run_id:
             return _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tags)
     finally:
         shutil.rmtree(work, ignore_errors=True)
