@@ -105,6 +105,17 @@ def train_squad(**kw):
     _train("squad", kw)
 
 
+@main.command("demo")
+@click.option("--out", default="demo-data", show_default=True, help="folder for the generated data")
+@click.option("--report-dir", default="report", show_default=True, help="folder for the report")
+@one_line_errors
+def demo(out, report_dir):
+    """A few-minute CPU demo of the whole pipeline on generated data (numbers only check the pipeline)."""
+    from hpml.demo import run_demo
+
+    run_demo(out, report_dir)
+
+
 @main.command("vram-probe")
 @options(VRAM_PARAMS)
 @one_line_errors

@@ -60,9 +60,10 @@ def resolve_model_ref(ref: str) -> str:
 
 
 def tokenizer_source(ref: str) -> str:
-    """A random BERT uses the bert-base-uncased vocabulary: MiniLM's copy of it when installed (offline)."""
+    """A random BERT uses the bert-base-uncased vocabulary: HPML_TOKENIZER (a tokenizer folder) if set, else
+    MiniLM's copy of that vocabulary when installed (offline), else the hub's bert-base-uncased."""
     if ref.startswith("random:"):
-        return minilm_path() or "bert-base-uncased"
+        return os.environ.get("HPML_TOKENIZER") or minilm_path() or "bert-base-uncased"
     return ref
 
 
@@ -132,10 +133,12 @@ def quantization_config(variant: Variant):
 
 def load_base(path_or_id: str, task: str, variant: Variant):
     """Load a checkpoint with the variant's attention implementation and (optionally) a 4-bit base."""
-    kwargs = dict(attn_implementation=variant.attention.impl, **task_kwargs(task))
+    # fp32 master weights whatever the checkpoint stores (transformers 5 would keep an fp16 file in fp16);
+    # mixed precision is autocast's job.
+    kwargs = dict(attn_implementation=variant.attention.impl, dtype=torch.float32, **task_kwargs(task))
     qconf = quantization_config(variant)
     if qconf is not None:
-        kwargs.update(quantization_config=qconf, device_map={"": 0}, dtype=torch.float32)
+        kwargs.update(quantization_config=qconf, device_map={"": 0})
     try:
         return model_class(task).from_pretrained(path_or_id, **kwargs)
     except OSError as exc:

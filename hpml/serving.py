@@ -14,6 +14,7 @@ import torch
 from hpml.errors import HpmlError
 
 META_FILE = "hpml_model.json"
+PYFUNC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
 MODEL_DIR = "model"  # HF checkpoint (full fine-tune) or PEFT adapter folder, with the tokenizer beside it
 BASE_DIR = "base"  # only for bases no one else can rebuild (random:<size>): the exact weights the adapter fits
 INPUT_COLUMNS = {"squad": ["question", "context"], "sst2": ["text"]}
@@ -88,7 +89,7 @@ def load_export(export_dir: str, base_model: Optional[str] = None, device: Optio
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if meta["kind"] == "full":
-        model = cls.from_pretrained(model_dir, attn_implementation=meta.get("attention", "sdpa"))
+        model = cls.from_pretrained(model_dir, attn_implementation=meta.get("attention", "sdpa"), dtype=torch.float32)
         model.to(device)
     else:
         from peft import PeftModel
@@ -96,7 +97,7 @@ def load_export(export_dir: str, base_model: Optional[str] = None, device: Optio
         base = base_model or meta["base_model"]
         if base == BASE_DIR:
             base = os.path.join(export_dir, BASE_DIR)
-        kwargs = dict(modeling.task_kwargs(task), attn_implementation=meta.get("attention", "sdpa"))
+        kwargs = dict(modeling.task_kwargs(task), attn_implementation=meta.get("attention", "sdpa"), dtype=torch.float32)
         if meta.get("quantization") == "nf4":
             if device == "cuda":
                 from transformers import BitsAndBytesConfig
@@ -201,6 +202,11 @@ class HpmlPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return predict_frame(self.loaded, model_input)
+
+
+def load_registered(model_uri: str):
+    """`models:/NAME@alias`, `models:/NAME/VERSION` or `runs:/…` → an MLflow pyfunc model."""
+    return mlflow.pyfunc.load_model(model_uri)
 
 
 def signature(task: str):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from typing import Iterator, Optional
 
 from hpml.errors import HpmlError, UsageError
@@ -28,7 +29,8 @@ TASKS = ("squad", "sst2", "vram", "report")
 # Metrics shared by both tasks (units in the names)
 M_TRAIN_LOSS = "train_loss"
 M_TRAIN_RUNTIME = "train_runtime_s"
-M_TRAIN_SPS = "train_samples_per_s"  # SQuAD: features (windows) per second
+M_TRAIN_SPS = "train_samples_per_s"  # SQuAD: features (windows) per second; Trainer's, warm-up included
+M_TRAIN_STEADY_SPS = "train_steady_samples_per_s"  # after the first steps (compile, allocator warm-up)
 M_EVAL_RUNTIME = "eval_runtime_s"
 M_EVAL_SPS = "eval_samples_per_s"
 M_EVAL_MS = "eval_ms_per_sample"  # latency per sample in the eval loop
@@ -205,9 +207,13 @@ def register_model(export_dir: str, task: str, variant_id: str, metrics: dict[st
     from hpml import serving
 
     name = registered_model_name(task, variant_id)
-    info = mlflow.pyfunc.log_model(name="model", python_model=serving.HpmlPyfunc(),
-                                   artifacts={"export": export_dir}, signature=serving.signature(task),
-                                   pip_requirements=serving.pip_requirements())
+    # Models from code: the pyfunc is a file, not a pickled object (and weights are safetensors). No input
+    # example: MLflow would load and run the model once more just to validate it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        info = mlflow.pyfunc.log_model(name="model", python_model=serving.PYFUNC_FILE,
+                                       artifacts={"export": export_dir}, signature=serving.signature(task),
+                                       pip_requirements=serving.pip_requirements())
     client = MlflowClient()
     version = None
     try:

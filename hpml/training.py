@@ -153,7 +153,6 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         fp16=precision == "fp16" and not variant.precision.quantization,  # 4-bit: compute dtype set at load
         torch_compile=variant.compile.enabled,
         torch_compile_backend=variant.compile.backend if variant.compile.enabled else None,
-        gradient_checkpointing=variant.memory.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if variant.batching.group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,  # the collator drops bookkeeping columns itself
@@ -165,14 +164,33 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         seed=cfg.seed,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        # passed only when used: transformers 5.23 renamed it (activation_checkpointing), 5.17 lacks the new name
+        **({"gradient_checkpointing": True} if variant.memory.gradient_checkpointing else {}),
     )
 
 
-def make_callback():
+def make_callback(samples_per_step: int, device: str):
     from transformers import TrainerCallback
 
     class MlflowProgress(TrainerCallback):
-        """Streams running loss, lr and per-epoch eval metrics to the active run (UI curves while training)."""
+        """Streams running loss, lr and per-epoch eval metrics to the active run (UI curves while training),
+        and times the steps after a warm-up: Trainer's own samples/s includes torch.compile's first graphs."""
+
+        warm_step, warm_time, steady = 0, 0.0, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.warm_step = max(1, min(20, state.max_steps // 5))
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (self.warm_step, state.max_steps):
+                if device == "cuda":
+                    torch.cuda.synchronize()  # one host sync at each of the two timing points only
+                now = time.perf_counter()
+                if state.global_step == self.warm_step:
+                    self.warm_time = now
+                elif state.max_steps > self.warm_step:
+                    steps = state.max_steps - self.warm_step
+                    self.steady = steps * samples_per_step / (now - self.warm_time)
 
         def on_log(self, args, state, control, logs=None, **kw):
             keep = {f"train_{k}_running" if k == "loss" else k: v for k, v in (logs or {}).items()
@@ -197,7 +215,8 @@ def build_trainer(task, variant: Variant, cfg: TrainConfig, built: modeling.Buil
     collate = Collator(built.tokenizer.pad_token_id, cfg.max_length, variant.batching)
     return Trainer(model=built.model, args=args, train_dataset=prep.train,
                    eval_dataset=prep.eval_features if per_epoch else None, data_collator=collate,
-                   compute_metrics=task.epoch_metrics if per_epoch else None, callbacks=[make_callback()])
+                   compute_metrics=task.epoch_metrics if per_epoch else None,
+                   callbacks=[make_callback(cfg.batch_size, device)])
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -249,7 +268,9 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
     tracking.log_metrics(built.counts.as_metrics())
     trainer = build_trainer(task, variant, cfg, built, prep, precision, os.path.join(work, "trainer"), device)
     result = trainer.train()
+    progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
     metrics = {tracking.M_TRAIN_LOSS: result.training_loss,
+               tracking.M_TRAIN_STEADY_SPS: progress.steady,
                tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
                tracking.M_TRAIN_SPS: result.metrics["train_samples_per_second"],
                **memory.peak_train(device)}

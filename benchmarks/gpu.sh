@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# GPU benchmarks behind docs/benchmarks.md. Run from the repository root on a CUDA machine that has torch,
+# transformers, peft, accelerate, pandas and click (the device image); the rest comes as wheels:
+#
+#   here:   ../shared/tools/gpu-wheels.sh .whl ; ../shared/tools/gpu-minilm.sh .gpu-minilm
+#           mkdir -p .gpu-tok && cp .gpu-minilm/{tokenizer.json,tokenizer_config.json,vocab.txt,special_tokens_map.json} .gpu-tok/
+#           mkdir -p .gpu-data/sst2 && cp ../shared/data/sst2/*.tsv .gpu-data/sst2/
+#   there:  bash benchmarks/gpu.sh setup            (carry .whl .gpu-tok; installs into /tmp/hpml-site)
+#           bash benchmarks/gpu.sh sst2             (carry .gpu-minilm .gpu-data)
+#           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2)
+#           bash benchmarks/gpu.sh vram             (the study's probe: A3, C1, C2, C2-8, SST-2 fp32/qlora)
+#           bash benchmarks/gpu.sh qlora-load       (reload the registered QLoRA adapter on its 4-bit base)
+#           bash benchmarks/gpu.sh report           (tables from the benchmark store into $OUT)
+# Every run lands in one SQLite store (BENCH_DIR/mlflow.db); `report` copies it to $OUT.
+set -euo pipefail
+stage="${1:?stage: setup | sst2 | squad [variants…] | vram | qlora-load | report}"; shift || true
+BENCH_DIR="${BENCH_DIR:-/tmp/hpml-bench}"
+OUT="${OUT:-$BENCH_DIR/out}"
+mkdir -p "$BENCH_DIR" "$OUT"
+export PYTHONPATH="/tmp/hpml-site:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export MLFLOW_TRACKING_URI="sqlite:///$BENCH_DIR/mlflow.db" TORCHINDUCTOR_CACHE_DIR="$BENCH_DIR/inductor"
+export HPML_CACHE_DIR="$BENCH_DIR/cache" HPML_TOKENIZER=/tmp/hpml-tok  # bert-base-uncased vocab (MiniLM's)
+hpml() { python3 -m hpml.cli "$@"; }
+
+case "$stage" in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hpml-site .whl/*.whl
+  rm -rf /tmp/hpml-tok && cp -r .gpu-tok /tmp/hpml-tok
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, peft, mlflow, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'mlflow', mlflow.__version__, 'bnb', bitsandbytes.__version__)"
+  ;;
+sst2)
+  # Study 2's setup with MiniLM: first 20k rows, 2 epochs, batch 16/32, max length 128, seed 42.
+  for v in "${@:-fp32 bf16 lora qlora}"; do
+    for one in $v; do
+      hpml train-sst2 --variant "$one" --model .gpu-minilm --data-dir .gpu-data/sst2 --purpose real
+    done
+  done
+  ;;
+squad)
+  # Speed and memory only: random-init bert-base, generated data, a few hundred steps at batch 32.
+  [ -f "$BENCH_DIR/squad/train-v2.0.json" ] || hpml make-data squad --out "$BENCH_DIR/squad" --train 6000 --dev 600
+  steps="${SQUAD_STEPS:-200}"
+  for v in "${@:-a1 a2 a3 a4-nb a4-b b1 b2 b3 c1 c2-8 c2 d1}"; do
+    for one in $v; do
+      hpml train-squad --variant "$one" --model random:bert-base --data-dir "$BENCH_DIR/squad" \
+        --max-steps "$steps" --batch-size 32 --eval-batch-size 64 --max-eval-samples 600 --register false \
+        --purpose real
+    done
+  done
+  ;;
+vram)
+  for v in a3 c1 c2 c2-8; do hpml vram-probe --variant "$v" --model random:bert-base; done
+  for v in fp32 qlora; do hpml vram-probe --variant "$v" --model random:bert-base; done
+  ;;
+qlora-load)
+  python3 -m benchmarks.qlora_load "$OUT"
+  ;;
+report)
+  hpml report --out "$OUT/report" --formats md,csv
+  cp "$BENCH_DIR/mlflow.db" "$OUT/mlflow.db"
+  ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
