@@ -1,0 +1,181 @@
+"""train_squad: every CPU variant through `mlflow run`, learning on generated data, bucketing done right."""
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from hpml import modeling, tracking
+from hpml.config import TrainConfig
+from hpml.training import TASKS, build_trainer, run_training
+from hpml.variants import get_variant, variants_for
+
+from conftest import last_line, mlflow_run, run_cmd
+
+SQUAD_METRICS = [f"eval_{k}" for k in tracking.SQUAD_KEYS] + [
+    tracking.M_TRAIN_LOSS, tracking.M_TRAIN_RUNTIME, tracking.M_TRAIN_SPS, tracking.M_EVAL_RUNTIME, tracking.M_EVAL_SPS,
+    tracking.M_EVAL_MS, tracking.M_TRAINABLE, tracking.M_TOTAL, tracking.M_TRAINABLE_PCT]
+CPU_VARIANTS = [v.id for v in variants_for("squad") if not v.requires_cuda]
+GPU_VARIANTS = [v.id for v in variants_for("squad") if v.requires_cuda]
+
+
+def tiny_cfg(variant, squad_dir, **kw):
+    base = dict(task="squad", variant=variant, model="random:tiny", data_dir=str(squad_dir), batch_size=8,
+                eval_batch_size=16, max_length=128, doc_stride=32, purpose="test", experiment="hpml-squad")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_every_cpu_variant_runs_two_steps_through_mlflow_run(squad_dir, tracking_uri):
+    """One `mlflow run` per variant (2 steps, tiny BERT): FINISHED, the full metric set, one registry version."""
+    client = MlflowClient(tracking_uri)
+    for variant in CPU_VARIANTS:
+        out = mlflow_run("train_squad", {"variant": variant.upper(), "model": "random:tiny", "data_dir": squad_dir,
+                                         "max_steps": 2, "batch_size": 4, "max_eval_samples": 12, "max_length": 128,
+                                         "doc_stride": 32, "purpose": "test"}, experiment="hpml-squad")
+        assert out.returncode == 0, f"{variant}: {out.stderr[-2500:]}"
+    runs = client.search_runs([client.get_experiment_by_name("hpml-squad").experiment_id])
+    by_variant = {r.data.tags[tracking.TAG_VARIANT]: r for r in runs}
+    assert sorted(by_variant) == sorted(CPU_VARIANTS)
+    for variant, run in by_variant.items():
+        assert run.info.status == "FINISHED" and run.info.run_name == variant
+        missing = [k for k in SQUAD_METRICS if k not in run.data.metrics]
+        assert not missing, f"{variant} lacks {missing}"
+        assert 0 <= run.data.metrics["eval_f1"] <= 100
+        assert run.data.params["resolved.precision"] == "fp32"
+        (mv,) = client.search_model_versions(f"name='hpml-squad-{variant}'")
+        assert mv.run_id == run.info.run_id
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"predictions.json", "null_odds.json"} <= arts
+    # trainable share follows the catalog's definitions
+    pct = {v: by_variant[v].data.metrics[tracking.M_TRAINABLE_PCT] for v in by_variant}
+    assert pct["a2"] == 100 and pct["b2"] < 5 and pct["b1"] < 20 and 0 < pct["b3"] < 100
+
+
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+def test_gpu_only_variants_refuse_a_cpu_with_one_line(variant, squad_dir, tracking_uri):
+    out = run_cmd(["hpml", "train-squad", "--variant", variant, "--model", "random:tiny", "--data-dir", str(squad_dir)])
+    assert out.returncode == 2
+    assert last_line(out.stderr) == (f"hpml: error: variant {variant} needs a CUDA GPU (bitsandbytes 8-bit AdamW); "
+                                     "run it on a GPU machine or pick a CPU variant (hpml variants)")
+    assert MlflowClient(tracking_uri).search_registered_models() == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+def test_gpu_only_variants_train_on_cuda(variant, squad_dir, tracking_uri):
+    summary = run_training(tiny_cfg(variant, squad_dir, max_steps=4, max_eval_samples=12))
+    assert summary["metrics"][tracking.M_PEAK_TRAIN_ALLOC] > 0
+
+
+def test_tiny_bert_learns_generated_squad(tracking_uri, tmp_path):
+    """A few hundred steps of a 2-layer BERT must beat the all-no-answer baseline by >= 10 EM points."""
+    from hpml.data import synthetic
+
+    synthetic.write_squad(str(tmp_path / "data"), 1500, 200, seed=7)
+    cfg = tiny_cfg("a2", tmp_path / "data", max_steps=300, batch_size=32, lr=1e-3, max_length=192, doc_stride=64,
+                   register=False)
+    m = run_training(cfg)["metrics"]
+    no_answer_baseline = m["eval_NoAns_total"] / m["eval_total"] * 100
+    assert m["eval_exact"] >= no_answer_baseline + 10, (m["eval_exact"], no_answer_baseline)
+    assert m["eval_HasAns_exact"] > 10
+
+
+def prepared(variant_id, squad_dir, tmp_path, **kw):
+    cfg = tiny_cfg(variant_id, squad_dir, **kw)
+    variant = get_variant(variant_id)
+    built = modeling.build_model(variant, cfg.model, "squad", str(tmp_path), cfg.seed)
+    prep = TASKS["squad"].prepare(cfg, built.tokenizer, str(tmp_path / "cache"))
+    trainer = build_trainer(TASKS["squad"], variant, cfg, built, prep, "fp32", str(tmp_path / "t"), "cpu")
+    return cfg, prep, trainer
+
+
+def test_bucketing_yields_every_feature_once_per_epoch_with_its_own_labels(squad_dir, tmp_path):
+    """The study's bucketed run lost 50 EM points: a sampler/collator that drops, repeats or mislabels
+    features (or scrambles the eval order) is exactly what this guards against."""
+    cfg, prep, trainer = prepared("a4-b", squad_dir, tmp_path, max_length=256, doc_stride=64)
+    expected = collections.Counter(
+        (tuple(f["input_ids"]), f["start_positions"], f["end_positions"]) for f in prep.train)
+    seen, widths = collections.Counter(), []
+    for batch in trainer.get_train_dataloader():
+        widths.append(batch["input_ids"].shape[1])
+        assert widths[-1] % 64 == 0 or widths[-1] == cfg.max_length
+        for ids, mask, s, e in zip(batch["input_ids"], batch["attention_mask"], batch["start_positions"],
+                                   batch["end_positions"]):
+            seen[(tuple(ids[mask.bool()].tolist()), int(s), int(e))] += 1
+    assert seen == expected
+    assert len(set(widths)) > 1, "bucketed batches should not all be padded to one width"
+
+
+def test_bucketed_batches_are_length_grouped_and_eval_order_is_kept(squad_dir, tmp_path):
+    cfg, prep, trainer = prepared("a4-b", squad_dir, tmp_path, max_length=256, doc_stride=64)
+    _, _, plain = prepared("a4-nb", squad_dir, tmp_path / "nb", max_length=256, doc_stride=64)
+
+    def padding_waste(t):
+        waste = []
+        for batch in t.get_train_dataloader():
+            lengths = batch["attention_mask"].sum(1).float()
+            waste.append(float((lengths.max() - lengths).mean()))
+        return np.mean(waste)
+
+    assert padding_waste(trainer) < padding_waste(plain)
+    # eval: Trainer.predict over batches padded to different widths gives, for every feature, the logits a
+    # lone forward pass of that feature gives (no reordering, no shifted padding)
+    feats = prep.eval_features.remove_columns(["example_id", "offset_mapping"])
+    out = trainer.predict(feats)
+    start = out.predictions[0]
+    model = trainer.model.eval()
+    for i in [0, len(feats) // 2, len(feats) - 1]:
+        row = feats[i]
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([row["input_ids"]]), attention_mask=torch.tensor([row["attention_mask"]]),
+                          token_type_ids=torch.tensor([row["token_type_ids"]])).start_logits[0].numpy()
+        np.testing.assert_allclose(start[i][:len(alone)], alone, atol=1e-4)
+
+
+def test_compiled_bucketing_does_not_recompile_per_batch_shape(squad_dir, tracking_uri):
+    """Widths are rounded up to multiples of 64, so a compiled model sees at most max_length/64 shapes."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run_training(tiny_cfg("a4-b", squad_dir, max_steps=12, batch_size=4, max_length=256, max_eval_samples=8,
+                          register=False))
+    frames = counters["stats"]["unique_graphs"]
+    assert 0 < frames <= 256 // 64 * 2, frames  # train + eval graphs, each at most one per width
+
+
+def test_predictions_and_null_odds_artifacts_score_like_hpml_score(squad_dir, tracking_uri, tmp_path):
+    import mlflow
+
+    summary = run_training(tiny_cfg("a2", squad_dir, max_steps=3, max_eval_samples=20, register=False))
+    run_id = summary["run_id"]
+    preds = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.json", dst_path=tmp_path)
+    odds = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="null_odds.json", dst_path=tmp_path)
+    dev = json.load(open(squad_dir / "dev-v2.0.json"))
+    ids = list(json.load(open(preds)))
+    assert len(ids) == 20
+    # restrict the dev file to the evaluated questions, then score it from the command line
+    kept = set(ids)
+    for article in dev["data"]:
+        for para in article["paragraphs"]:
+            para["qas"] = [q for q in para["qas"] if q["id"] in kept]
+    (tmp_path / "dev.json").write_text(json.dumps(dev))
+    out = run_cmd(["hpml", "score", "--data", str(tmp_path / "dev.json"), "--preds", preds, "--na-probs", odds])
+    assert out.returncode == 0, out.stderr
+    scored = json.loads(out.stdout)
+    for key in tracking.SQUAD_KEYS:
+        if key in scored:
+            assert scored[key] == pytest.approx(summary["metrics"][f"eval_{key}"], abs=1e-9), key
+
+
+def test_malformed_squad_file_ends_in_one_line(tmp_path, tracking_uri, squad_dir):
+    data = tmp_path / "bad"
+    data.mkdir()
+    (data / "train-v2.0.json").write_text('{"data": [')
+    (data / "dev-v2.0.json").write_text((squad_dir / "dev-v2.0.json").read_text())
+    out = run_cmd(["hpml", "train-squad", "--variant", "a2", "--model", "random:tiny", "--data-dir", str(data)])
+    assert out.returncode == 1
+    assert "train-v2.0.json" in last_line(out.stderr) and "Traceback" not in out.stderr
+    assert MlflowClient(tracking_uri).search_registered_models() == []
