@@ -10,15 +10,17 @@
 #           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2)
 #           bash benchmarks/gpu.sh vram             (the study's probe: A3, C1, C2, C2-8, SST-2 fp32/qlora)
 #           bash benchmarks/gpu.sh qlora-load       (reload the registered QLoRA adapter on its 4-bit base)
-#           bash benchmarks/gpu.sh report           (tables from the benchmark store into $OUT)
-# Every run lands in one SQLite store (BENCH_DIR/mlflow.db); `report` copies it to $OUT.
+#   here:   cp <returned mlflow.db> .gpu-bench/ ; hpml report with MLFLOW_TRACKING_URI=sqlite:///.gpu-bench/mlflow.db
+# Every run lands in one SQLite store, .gpu-bench/mlflow.db in the repository (git-ignored): carry it to keep
+# adding to it across machines; each stage copies it to $OUT so it comes back.
 set -euo pipefail
-stage="${1:?stage: setup | sst2 | squad [variants…] | vram | qlora-load | report}"; shift || true
+stage="${1:?stage: setup | sst2 | squad [variants…] | vram | qlora-load}"; shift || true
 BENCH_DIR="${BENCH_DIR:-/tmp/hpml-bench}"
 OUT="${OUT:-$BENCH_DIR/out}"
 mkdir -p "$BENCH_DIR" "$OUT"
 export PYTHONPATH="/tmp/hpml-site:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export MLFLOW_TRACKING_URI="sqlite:///$BENCH_DIR/mlflow.db" TORCHINDUCTOR_CACHE_DIR="$BENCH_DIR/inductor"
+mkdir -p .gpu-bench
+export MLFLOW_TRACKING_URI="sqlite:///$PWD/.gpu-bench/mlflow.db" TORCHINDUCTOR_CACHE_DIR="$BENCH_DIR/inductor"
 export HPML_CACHE_DIR="$BENCH_DIR/cache" HPML_TOKENIZER=/tmp/hpml-tok  # bert-base-uncased vocab (MiniLM's)
 hpml() { python3 -m hpml.cli "$@"; }
 
@@ -33,7 +35,8 @@ sst2)
   # Study 2's setup with MiniLM: first 20k rows, 2 epochs, batch 16/32, max length 128, seed 42.
   for v in "${@:-fp32 bf16 lora qlora}"; do
     for one in $v; do
-      hpml train-sst2 --variant "$one" --model .gpu-minilm --data-dir .gpu-data/sst2 --purpose real
+      hpml train-sst2 --variant "$one" --model .gpu-minilm --data-dir .gpu-data/sst2 --purpose real \
+        || echo "FAILED sst2 $one"
     done
   done
   ;;
@@ -45,20 +48,18 @@ squad)
     for one in $v; do
       hpml train-squad --variant "$one" --model random:bert-base --data-dir "$BENCH_DIR/squad" \
         --max-steps "$steps" --batch-size 32 --eval-batch-size 64 --max-eval-samples 600 --register false \
-        --purpose real
+        --purpose real || echo "FAILED squad $one"
     done
   done
   ;;
 vram)
-  for v in a3 c1 c2 c2-8; do hpml vram-probe --variant "$v" --model random:bert-base; done
-  for v in fp32 qlora; do hpml vram-probe --variant "$v" --model random:bert-base; done
+  for v in a3 c1 c2 c2-8 fp32 qlora; do
+    hpml vram-probe --variant "$v" --model random:bert-base || echo "FAILED vram $v"
+  done
   ;;
 qlora-load)
   python3 -m benchmarks.qlora_load "$OUT"
   ;;
-report)
-  hpml report --out "$OUT/report" --formats md,csv
-  cp "$BENCH_DIR/mlflow.db" "$OUT/mlflow.db"
-  ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
+if [ -f .gpu-bench/mlflow.db ]; then cp .gpu-bench/mlflow.db "$OUT/mlflow.db"; fi

@@ -158,5 +158,80 @@ def make_data(task, out, n_train, n_dev, seed):
         click.echo(p)
 
 
+@main.command("report")
+@options(REPORT_PARAMS)
+@one_line_errors
+def report(**kw):
+    """Tables (md/csv/tex) and plots of every hpml run on the tracking server, logged as a `report` run."""
+    from hpml.report import run_report
+
+    run_report(**kw)
+
+
+@main.command("models")
+@click.option("--task", type=click.Choice(["squad", "sst2"]), default=None, help="only this task's models")
+@one_line_errors
+def models_cmd(task):
+    """List registered hpml models: every version with its aliases, headline metric, purpose and variant."""
+    from hpml import tracking
+
+    uri = tracking.connect()
+    rows = [r for r in tracking.list_registered() if task in (None, r["task"])]
+    if not rows:
+        click.echo(f"no hpml models registered at {uri}")
+        return
+    table = [("MODEL", "VERSION", "ALIASES", "VARIANT", "PURPOSE", "METRIC", "VALUE", "RUN")] + [
+        (r["name"], str(r["version"]), ",".join(r["aliases"]) or "-", r["variant"] or "-", r["purpose"] or "-",
+         r["metric"] or "-", "-" if r["value"] is None else f"{r['value']:.4g}", r["run_id"] or "-") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@main.command("predict")
+@click.option("--model", "model_uri", required=True,
+              help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or an hpml export folder")
+@click.option("--text", default=None, help="SST-2 models: one sentence to classify")
+@click.option("--question", default=None, help="SQuAD models: the question (with --context)")
+@click.option("--context", "passage", default=None, help="SQuAD models: the passage to answer from")
+@click.option("--file", "in_file", default=None,
+              help='JSON lines, one input per line: {"text": …} or {"question": …, "context": …}; an "id" is copied')
+@click.option("--out", default=None, help="write the JSON lines here instead of stdout")
+@click.option("--base-model", default=None,
+              help="local folder of an adapter's base model, instead of the one recorded at training (offline use)")
+@one_line_errors
+def predict(model_uri, text, question, passage, in_file, out, base_model):
+    """Predict with a registered model: one JSON line per input ({answer, score, null_score} for SQuAD, with
+    "" for no answer; {label, probability} for SST-2)."""
+    from hpml import serving
+    from hpml.errors import UsageError
+
+    given = [name for name, v in (("--text", text), ("--question", question), ("--context", passage),
+                                  ("--file", in_file)) if v is not None]
+    if in_file is not None and len(given) > 1:
+        raise UsageError(f"--file takes the inputs from the file: drop {', '.join(g for g in given if g != '--file')}")
+    if (question is None) != (passage is None):
+        raise UsageError("--question and --context go together (a SQuAD model answers a question from a passage)")
+    if not given or (text is not None and question is not None):
+        raise UsageError("pass --text (SST-2), --question with --context (SQuAD), or --file with JSON lines")
+    if in_file is not None:
+        frame = serving.read_jsonl(in_file)
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame([{"text": text} if text is not None else {"question": question, "context": passage}])
+    predictor = serving.open_model(model_uri, base_model)
+    if in_file is None and (text is not None) != (predictor.task == "sst2"):
+        raise UsageError(f"{model_uri} is a {predictor.task} model: pass "
+                         + ("--text" if predictor.task == "sst2" else "--question and --context"))
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                    for r in serving.output_records(frame, predictor.predict(frame)))
+    if out:
+        with open(out, "w") as f:
+            f.write(lines)
+    else:
+        click.echo(lines, nl=False)
+
+
 if __name__ == "__main__":
     main()

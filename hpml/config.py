@@ -59,7 +59,7 @@ REPORT_PARAMS: list[Param] = [
     Param("tracking_uri", "string", "", "tracking server or store; empty = the current one (MLFLOW_TRACKING_URI)"),
     Param("out", "string", "report", "folder for tables and plots"),
     Param("formats", "string", "md,csv,tex", "comma-separated table formats: md, csv, tex"),
-    Param("experiments", "string", "", "comma-separated experiment names; empty = the hpml experiments"),
+    Param("experiments", "string", "", "comma-separated experiment names; empty = every experiment (runs are found by their task tag)"),
     Param("purpose", "string", "", "only runs with this purpose tag (demo | test | real); empty = all"),
 ]
 

@@ -246,3 +246,65 @@ def should_become_champion(client, name: str, version: int, task: str, value: fl
         return tags.get(TAG_PURPOSE) == "real" and champ.tags.get(TAG_PURPOSE) != "real"
     champ_value = champ.tags.get(HEADLINE[task])
     return champ_value is None or value > float(champ_value)
+
+
+# ---- report queries -----------------------------------------------------------------------------------
+REPORT_RUN_NAME = "report"
+
+
+def search_runs(experiment_names: Optional[list[str]] = None):
+    """Every active run of the named experiments (None or empty: of all active experiments) as
+    mlflow.search_runs' pandas frame; an empty frame when there are none. An unknown name is an error: a
+    typo would otherwise print a report of empty tables."""
+    import mlflow
+    import pandas as pd
+
+    if experiment_names:
+        missing = [n for n in experiment_names if mlflow.get_experiment_by_name(n) is None]
+        if missing:
+            known = ", ".join(sorted(e.name for e in mlflow.search_experiments())) or "none"
+            raise UsageError(f"experiment(s) {', '.join(missing)} not found at {mlflow.get_tracking_uri()} "
+                             f"(it has: {known}); leave experiments empty to search every experiment")
+        df = mlflow.search_runs(experiment_names=list(experiment_names), output_format="pandas")
+    else:
+        # All experiments: runs started by `mlflow run` land wherever --experiment-name put them.
+        df = mlflow.search_runs(search_all_experiments=True, output_format="pandas")
+    return df if isinstance(df, pd.DataFrame) else pd.DataFrame()
+
+
+def log_files(paths: list[str], artifact_path: Optional[str] = None) -> None:
+    """Log exactly these files (not their whole folder, which may hold stale outputs of an earlier call)."""
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+# ---- registry listing (`hpml models`) --------------------------------------------------------------------
+def list_registered(prefix: str = "hpml-") -> list[dict[str, object]]:
+    """Every version of every registered model named `prefix*`: name, version, aliases, task, variant,
+    purpose, data fingerprint, headline metric (name and value, None when the tag is absent), run id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    models, token = [], None
+    while True:  # the registry pages its answers (100 models per page)
+        page = client.search_registered_models(filter_string=f"name LIKE '{prefix}%'", page_token=token)
+        models += list(page)
+        token = page.token
+        if not token:
+            break
+    rows = []
+    for rm in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        task = rm.name[len(prefix):].split("-", 1)[0]
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            metric = HEADLINE.get(task, "")
+            value = mv.tags.get(metric)
+            rows.append({"name": rm.name, "version": int(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
+                         "task": task, "variant": mv.tags.get(TAG_VARIANT, ""), "purpose": mv.tags.get(TAG_PURPOSE, ""),
+                         "data_fingerprint": mv.tags.get(TAG_FINGERPRINT, ""), "metric": metric,
+                         "value": float(value) if value not in (None, "") else None, "run_id": mv.run_id})
+    return sorted(rows, key=lambda r: (r["name"], r["version"]))

@@ -36,7 +36,9 @@ for _k in LEAKY_ENV + ("MLFLOW_TRACKING_URI",):
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HPML_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hpml-cache"))
     yield
-    for k in LEAKY_ENV:  # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; keep tests independent
+    # mlflow.set_experiment / set_tracking_uri export MLFLOW_EXPERIMENT_ID / MLFLOW_TRACKING_URI: keep tests
+    # independent (monkeypatch restores a URI a test set on purpose).
+    for k in LEAKY_ENV + ("MLFLOW_TRACKING_URI",):
         os.environ.pop(k, None)
 
 
@@ -76,14 +78,15 @@ def run_cmd(args: list[str], timeout: int = 600, env: dict | None = None, cwd: s
                           env={**base, **(env or {})}, cwd=cwd or REPO)
 
 
-def mlflow_run(entry: str, params: dict, experiment: str | None = None, timeout: int = 900):
-    """`mlflow run . -e ENTRY -P k=v … --env-manager local` from the repository root."""
+def mlflow_run(entry: str, params: dict, experiment: str | None = None, timeout: int = 900, env: dict | None = None):
+    """`mlflow run . -e ENTRY -P k=v … --env-manager local` from the repository root (the store comes from
+    MLFLOW_TRACKING_URI: use the `tracking_uri` fixture or pass env)."""
     args = ["mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local"]
     if experiment:
         args += ["--experiment-name", experiment]
     for k, v in params.items():
         args += ["-P", f"{k}={v}"]
-    return run_cmd(args, timeout=timeout)
+    return run_cmd(args, timeout=timeout, env=env)
 
 
 def last_line(text: str) -> str:
@@ -123,9 +126,10 @@ def mlflow_server(tmp_path_factory):
     yield url
     os.killpg(proc.pid, 15)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=3)  # a graceful shutdown takes 8-16 s; nothing is left to flush by now
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
+        proc.wait()
 
 
 def minilm_or_skip() -> str:
