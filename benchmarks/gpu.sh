@@ -58,7 +58,8 @@ vram)
   done
   ;;
 qlora-load)
-  python3 -m benchmarks.qlora_load "$OUT"
+  # needs the sst2 stage's registered models (their artifacts stay under ./mlruns on that machine)
+  python3 benchmarks/qlora_load.py "$@"
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -195,7 +195,8 @@ def models_cmd(task):
 @click.option("--question", default=None, help="SQuAD models: the question (with --context)")
 @click.option("--context", "passage", default=None, help="SQuAD models: the passage to answer from")
 @click.option("--file", "in_file", default=None,
-              help='JSON lines, one input per line: {"text": …} or {"question": …, "context": …}; an "id" is copied')
+              help='JSON lines, one input per line: {"text": …} or {"question": …, "context": …}; '
+                   'an "id" is copied to the output')
 @click.option("--out", default=None, help="write the JSON lines here instead of stdout")
 @click.option("--base-model", default=None,
               help="local folder of an adapter's base model, instead of the one recorded at training (offline use)")

@@ -303,8 +303,9 @@ def list_registered(prefix: str = "hpml-") -> list[dict[str, object]]:
         for mv in client.search_model_versions(f"name='{rm.name}'"):
             metric = HEADLINE.get(task, "")
             value = mv.tags.get(metric)
-            rows.append({"name": rm.name, "version": int(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
-                         "task": task, "variant": mv.tags.get(TAG_VARIANT, ""), "purpose": mv.tags.get(TAG_PURPOSE, ""),
+            rows.append({"name": rm.name, "version": int(mv.version),
+                         "aliases": sorted(aliases.get(str(mv.version), [])), "task": task,
+                         "variant": mv.tags.get(TAG_VARIANT, ""), "purpose": mv.tags.get(TAG_PURPOSE, ""),
                          "data_fingerprint": mv.tags.get(TAG_FINGERPRINT, ""), "metric": metric,
                          "value": float(value) if value not in (None, "") else None, "run_id": mv.run_id})
     return sorted(rows, key=lambda r: (r["name"], r["version"]))
