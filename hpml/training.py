@@ -282,6 +282,7 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
     tracking.log_metrics(built.counts.as_metrics())
     trainer = build_trainer(task, variant, cfg, built, prep, precision, os.path.join(work, "trainer"), device)
     result = trainer.train()
+    last_epoch = max(1, int(round(trainer.state.epoch or 0)))  # final metrics sit at the last epoch's step
     progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
     metrics = {tracking.M_TRAIN_LOSS: result.training_loss,
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
@@ -301,7 +302,7 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
         del trainer
         built.model = None
         metrics.update(memory.reload_eval_vram(export_dir, prep, cfg))
-    tracking.log_metrics(metrics)
+    tracking.log_metrics(metrics, step=last_epoch)
     tracking.log_artifacts(artifacts)
     summary: dict[str, object] = {"run_id": run_id, "variant": variant.id, "metrics": metrics}
     if cfg.register:
