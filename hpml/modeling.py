@@ -70,7 +70,7 @@ def tokenizer_source(ref: str) -> str:
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    src = tokenizer_source(ref)
+    src = tokenizer_source(resolve_model_ref(ref))
     try:
         return AutoTokenizer.from_pretrained(src)
     except Exception as exc:  # hub unreachable, bad folder
