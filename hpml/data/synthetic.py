@@ -13,33 +13,41 @@ _SYLLABLES = ["bel", "or", "ka", "stin", "ve", "lor", "dun", "mar", "tes", "ari"
 _PLACE_WORDS = ["", "", "", "", "Upper ", "New ", "Old "]
 _FIRST_NAMES = ["Anna", "Tomas", "Ilse", "Marek", "Odile", "Petra", "Ruben", "Saskia", "Ivo", "Lena", "Hugo",
                 "Greta", "Felix", "Nadia", "Oskar", "Vera", "Emil", "Clara", "Bruno", "Mira"]
-_FESTIVALS = ["Lanterns", "First Snow", "the Harvest Moon", "Bells", "the Long Night", "Kites", "Ash"]
+_SURNAMES = ["Holm", "Brandt", "Weller", "Moss", "Falk", "Graves", "Lind", "Stroud", "Kemp", "Voss", "Hale",
+             "Marsh"]
+
+
+def _pick(*choices: str):
+    return lambda rng: rng.choice(choices)
+
 
 # attribute as named in text -> (article written before the value, outside the answer span; value maker).
-# Every attribute has its own kind of value, and each kind opens with a word of a small closed set (a
-# colour, a metal, "Mount", "Fort", a first name ...). A tiny randomly initialised model can then learn
-# "the question names X, so the answer starts with an X-word", which carries over to new place names;
-# telling two places apart is the harder skill, needed only where two places share an attribute.
+# Each attribute draws its values from its own small closed set, and the first and last words of a value
+# tell its attribute. A tiny randomly initialised model can then learn "the question names X, so the answer
+# is the X-looking span" within a few hundred steps, and that carries over to dev, whose place names are
+# all new; telling two places apart is the harder skill, needed where two places share an attribute.
 _ATTRIBUTES: dict[str, tuple[str, Any]] = {
-    "capital": ("", lambda rng: f"Fort {_name(rng, rng.choice([2, 3]))}"),
-    "founder": ("", lambda rng: f"{rng.choice(_FIRST_NAMES)} {_name(rng, 2)}"),
-    "currency": ("the ", lambda rng: rng.choice(
-        ["gold crown", "silver mark", "copper shilling", "tin penny", "iron thaler", "bronze florin"])),
-    "founding century": ("the ", lambda rng: rng.choice(
-        ["ninth", "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth"]) + " century"),
-    "main crop": ("", lambda rng: rng.choice(["wheat", "rye", "oats", "potatoes", "grapes", "olives", "flax"])),
-    "main export": ("", lambda rng: rng.choice(
-        ["copper", "wool", "dried fish", "salt", "timber", "olive oil", "glass beads", "silk", "amber",
-         "leather boots", "honey", "marble"])),
-    "patron animal": ("the ", lambda rng: rng.choice(
-        ["red fox", "heron", "brown bear", "lynx", "otter", "barn owl", "wild boar", "falcon", "badger"])),
-    "flag color": ("", lambda rng: rng.choice(
-        ["deep blue", "green", "crimson", "white", "black", "orange", "violet", "grey"])),
-    "longest river": ("the ", lambda rng: f"River {_name(rng, 2)}"),
-    "highest peak": ("", lambda rng: f"Mount {_name(rng, 2)}"),
-    "largest festival": ("the ", lambda rng: f"Festival of {rng.choice(_FESTIVALS)}"),
-    "national sport": ("", lambda rng: rng.choice(
-        ["rowing", "fencing", "archery", "wrestling", "chess", "sailing", "hurling", "falconry"])),
+    "capital": ("", _pick(*(f"Fort {w}" for w in ["Alder", "Raven", "Stone", "Birch", "Heron", "Crane",
+                                                   "Willow", "Thorn", "Ember", "Frost"]))),
+    "founder": ("", lambda rng: f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAMES)}"),
+    "currency": ("the ", _pick("gold crown", "silver mark", "copper shilling", "tin penny", "iron thaler",
+                               "bronze florin")),
+    "founding century": ("the ", _pick(*(f"{n} century" for n in ["ninth", "tenth", "eleventh", "twelfth",
+                                                                  "thirteenth", "fourteenth", "fifteenth"]))),
+    "main crop": ("", _pick("wheat", "rye", "oats", "potatoes", "grapes", "olives", "flax", "hops")),
+    "main export": ("", _pick("copper", "wool", "dried fish", "salt", "timber", "olive oil", "glass beads",
+                              "silk", "amber", "leather boots", "honey", "marble")),
+    "patron animal": ("the ", _pick("red fox", "heron", "brown bear", "lynx", "otter", "barn owl",
+                                    "wild boar", "falcon", "badger")),
+    "flag color": ("", _pick("deep blue", "green", "crimson", "white", "black", "orange", "violet", "grey")),
+    "longest river": ("the ", _pick(*(f"River {w}" for w in ["Tamber", "Ouse", "Lune", "Wyre", "Esk",
+                                                              "Kell", "Dove", "Arrow", "Swale"]))),
+    "highest peak": ("", _pick(*(f"Mount {w}" for w in ["Ardent", "Sorrel", "Kestrel", "Pallid", "Gable",
+                                                         "Cinder", "Hollow", "Beacon"]))),
+    "largest festival": ("the ", _pick(*(f"Festival of {w}" for w in ["Lanterns", "First Snow", "Bells",
+                                                                      "Kites", "Ash", "Masks", "Boats"]))),
+    "national sport": ("", _pick("rowing", "fencing", "archery", "wrestling", "chess", "sailing", "hurling",
+                                 "falconry")),
 }
 
 
@@ -47,10 +55,10 @@ def _name(rng: random.Random, parts: int = 2) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(parts)).capitalize()
 
 
-# Facts in two phrasings; the answer is always the value slot, so questions are answerable by a pattern.
-_FACTS = ["The {attr} of {ent} is {art}{val}.", "The {attr} of {ent} is {art}{val}.", "{ent}'s {attr} is {art}{val}."]
-_QUESTIONS = ["What is the {attr} of {ent}?", "What is {ent}'s {attr}?", "Which {attr} does {ent} have?",
-              "what is the {attr} of {ent}?"]
+# Facts and questions each have a main phrasing and rarer variants (as weights by repetition): one fixed
+# shape lets the tiny model find the attribute by position, the variants keep it from being the only way.
+_FACTS = ["The {attr} of {ent} is {art}{val}."] * 6 + ["{ent}'s {attr} is {art}{val}."]
+_QUESTIONS = ["What is the {attr} of {ent}?"] * 6 + ["What is {ent}'s {attr}?", "Which {attr} does {ent} have?"]
 # Filler: sentences about the context's places that state no attribute, to give SQuAD-like lengths and make
 # the fact sentences appear anywhere.
 _FILLER = [
