@@ -29,7 +29,7 @@ def run_demo(out_dir: str = "demo-data", report_dir: str = "report") -> None:
 
     step("1/5 generate data (GLUE-format SST-2 TSV, SQuAD-v2-format JSON)")
     sst2_dir, squad_dir = os.path.join(out_dir, "sst2"), os.path.join(out_dir, "squad")
-    synthetic.write_sst2(sst2_dir, 1200, 300, seed=0)
+    synthetic.write_sst2(sst2_dir, 640, 200, seed=0)  # small: MiniLM takes ~1 s a step here
     synthetic.write_squad(squad_dir, 600, 150, seed=0)
 
     # MiniLM (a real pretrained BERT-family encoder, 22.7M params) when installed, else a tiny random BERT.
