@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hpml-installed
+# MLproject commands run `python …`: with the venv first on PATH that is the venv's, activated or not.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test test-accuracy ui clean
 

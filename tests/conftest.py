@@ -74,6 +74,8 @@ def run_cmd(args: list[str], timeout: int = 600, env: dict | None = None, cwd: s
     exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
     # In-process runs leave mlflow's experiment/run variables behind; a subprocess must choose its own.
     base = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+    # MLproject commands start `python`: it must be this environment's, activated or not (make test is not)
+    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
     return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout,
                           env={**base, **(env or {})}, cwd=cwd or REPO)
 
