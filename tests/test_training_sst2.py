@@ -60,7 +60,6 @@ def test_lora_trains_exactly_adapters_and_head_and_reloads(sst2_dir, tracking_ur
     from hpml.modeling import materialize_random, model_class
 
     summary = run_training(tiny("lora", sst2_dir))
-    m = summary["metrics"]
     # PEFT's own count on the same architecture: adapters on query/value + the classifier head
     base = model_class("sst2").from_pretrained(materialize_random("random:tiny", "sst2", str(tmp_path / "b"), 0))
     peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32,

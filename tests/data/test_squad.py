@@ -17,7 +17,7 @@ from hpml.data.squad import (
     prepare_train_features,
     tokenize_cached,
 )
-from hpml.data.synthetic import make_squad, write_squad
+from hpml.data.synthetic import write_squad
 from hpml.errors import HpmlError
 from hpml.metrics.squad_v2 import normalize_answer
 
