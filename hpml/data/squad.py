@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
+from hpml.data import read_json
 from hpml.errors import HpmlError
 
 HUB_DATASET = "rajpurkar/squad_v2"
@@ -57,18 +57,8 @@ def load_squad_json(path: str, *, check_spans: bool = True) -> list[dict[str, An
     `check_spans`, every answer must equal context[answer_start:answer_start + len(text)]; scoring turns the
     check off because the official evaluator never looks at answer_start.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise HpmlError(f"{path}: no such file; pass a directory holding {' and '.join(SPLIT_FILES.values())}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise HpmlError(f"{path}: cannot read the file ({e}); check the path and permissions") from None
-    except json.JSONDecodeError as e:
-        raise HpmlError(
-            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-            "give a SQuAD v2.0 JSON file"
-        ) from None
+    raw = read_json(path, "a SQuAD v2.0 dataset",
+                    f"pass a directory holding {' and '.join(SPLIT_FILES.values())}")
 
     records: list[dict[str, Any]] = []
     for a, article in enumerate(_need(raw, "data", list, path, "the top level")):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import re
 import string
 from typing import Any, Iterable, Mapping, Optional
@@ -170,23 +169,10 @@ def evaluate(
     return result
 
 
-def _read_json(path: str, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise HpmlError(f"{path}: no such {what} file; check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise HpmlError(f"{path}: cannot read the {what} file ({e}); check the path and permissions") from None
-    except json.JSONDecodeError as e:
-        raise HpmlError(
-            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-            f"write the {what} file as JSON"
-        ) from None
-
-
 def _read_id_map(path: str, what: str, value_types: tuple[type, ...]) -> dict[str, Any]:
-    data = _read_json(path, what)
+    from hpml.data import read_json
+
+    data = read_json(path, f"the {what}", "check the path")
     if not isinstance(data, dict):
         raise HpmlError(f"{path}: expected a JSON object {{question id: value}}, got {type(data).__name__}")
     for qid, value in data.items():
