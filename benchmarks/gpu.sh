@@ -10,11 +10,12 @@
 #           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2)
 #           bash benchmarks/gpu.sh vram             (the study's probe: A3, C1, C2, C2-8, SST-2 fp32/qlora)
 #           bash benchmarks/gpu.sh qlora-load       (reload the registered QLoRA adapter on its 4-bit base)
+#           bash benchmarks/gpu.sh learnability     (carry .gpu-tok .gpu-minilm .gpu-data; no setup needed)
 #   here:   cp <returned mlflow.db> .gpu-bench/ ; hpml report with MLFLOW_TRACKING_URI=sqlite:///.gpu-bench/mlflow.db
 # Every run lands in one SQLite store, .gpu-bench/mlflow.db in the repository (git-ignored): carry it to keep
 # adding to it across machines; each stage copies it to $OUT so it comes back.
 set -euo pipefail
-stage="${1:?stage: setup | sst2 | squad [variants…] | vram | qlora-load}"; shift || true
+stage="${1:?stage: setup | sst2 | squad [variants…] | vram | qlora-load | learnability}"; shift || true
 BENCH_DIR="${BENCH_DIR:-/tmp/hpml-bench}"
 OUT="${OUT:-$BENCH_DIR/out}"
 mkdir -p "$BENCH_DIR" "$OUT"
@@ -56,6 +57,18 @@ vram)
   for v in a3 c1 c2 c2-8 fp32 qlora; do
     hpml vram-probe --variant "$v" --model random:bert-base || echo "FAILED vram $v"
   done
+  ;;
+learnability)
+  # no wheels needed (carry .gpu-tok .gpu-minilm): which small model learns the generated SQuAD v2 in a few
+  # hundred steps, and how far the SST-2 real-data check moves with the seed (carry .gpu-data too)
+  HPML_TOKENIZER=.gpu-tok python3 benchmarks/squad_learnability.py --model random:tiny --lr 1e-3 \
+    --steps 300 1200 --train 10000 > "$OUT/learn_random_tiny.jsonl" &
+  python3 benchmarks/squad_learnability.py --model .gpu-minilm --layers 2 --lr 5e-4 --steps 300 \
+    --seeds 0 1 2 3 4 > "$OUT/learn_minilm_l2.jsonl" &
+  python3 benchmarks/sst2_seeds.py --model .gpu-minilm --data .gpu-data/sst2 --seeds 42 1 2 3 4 \
+    --recipe 1e-4,16,0,0 --recipe 2e-4,32,0.1,0 > "$OUT/sst2_seeds.jsonl" &
+  wait
+  cat "$OUT"/learn_*.jsonl "$OUT/sst2_seeds.jsonl"
   ;;
 qlora-load)
   # needs the sst2 stage's registered models (their artifacts stay under ./mlruns on that machine)

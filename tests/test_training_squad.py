@@ -12,7 +12,7 @@ from hpml.config import TrainConfig
 from hpml.training import TASKS, build_trainer, run_training
 from hpml.variants import get_variant, variants_for
 
-from conftest import last_line, mlflow_run, run_cmd
+from conftest import last_line, minilm_or_skip, mlflow_run, run_cmd
 
 SQUAD_METRICS = [f"eval_{k}" for k in tracking.SQUAD_KEYS] + [
     tracking.M_TRAIN_LOSS, tracking.M_TRAIN_RUNTIME, tracking.M_TRAIN_SPS, tracking.M_EVAL_RUNTIME, tracking.M_EVAL_SPS,
@@ -69,18 +69,38 @@ def test_gpu_only_variants_train_on_cuda(variant, squad_dir, tracking_uri):
     assert summary["metrics"][tracking.M_PEAK_TRAIN_ALLOC] > 0
 
 
-@pytest.mark.accuracy  # not met yet: the tiny model still predicts "no answer" everywhere after 300 steps
-def test_tiny_bert_learns_generated_squad(tracking_uri, tmp_path):
-    """A few hundred steps of a 2-layer BERT must beat the all-no-answer baseline by >= 10 EM points."""
+def minilm_slice(out_dir, layers: int) -> str:
+    """The first `layers` transformer layers of all-MiniLM-L6-v2 (pretrained), saved as a checkpoint folder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    src = minilm_or_skip()
+    AutoModel.from_pretrained(src, num_hidden_layers=layers).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.mark.slow
+def test_two_layer_bert_learns_generated_squad(tracking_uri, tmp_path):
+    """300 steps of a 2-layer BERT must beat the all-no-answer baseline by >= 10 EM points on unseen questions.
+
+    The 2 layers are MiniLM's first two (pretrained). A randomly initialised 2-layer BERT does not get there
+    in a few hundred steps: in a sweep on the H100 (docs/benchmarks.md) it still answered "no answer" to
+    every dev question after 1,200 steps on 10,000 fresh questions, and with 1,500 questions it memorised the
+    training set instead. The pretrained slice gains 15-20 EM over the baseline at 300 steps on every seed.
+    """
     from hpml.data import synthetic
 
-    synthetic.write_squad(str(tmp_path / "data"), 1500, 200, seed=7)
-    cfg = tiny_cfg("a2", tmp_path / "data", max_steps=300, batch_size=32, lr=1e-3, max_length=192, doc_stride=64,
-                   register=False)
+    synthetic.write_squad(str(tmp_path / "data"), 1500, 300, seed=7)
+    model = minilm_slice(tmp_path / "minilm-l2", layers=2)
+    cfg = tiny_cfg("a2", tmp_path / "data", model=model, max_steps=300, batch_size=16, eval_batch_size=64,
+                   lr=5e-4, max_length=128, doc_stride=48, register=False)
     m = run_training(cfg)["metrics"]
     no_answer_baseline = m["eval_NoAns_total"] / m["eval_total"] * 100
+    print(f"EM {m['eval_exact']:.1f} vs no-answer baseline {no_answer_baseline:.1f}; HasAns EM "
+          f"{m['eval_HasAns_exact']:.1f}, NoAns EM {m['eval_NoAns_exact']:.1f}")  # shown with pytest -rP
     assert m["eval_exact"] >= no_answer_baseline + 10, (m["eval_exact"], no_answer_baseline)
-    assert m["eval_HasAns_exact"] > 10
+    assert m["eval_HasAns_exact"] >= 40 and m["eval_NoAns_exact"] >= 40, m
+    assert m["eval_f1"] >= m["eval_exact"]
 
 
 def prepared(variant_id, squad_dir, tmp_path, **kw):

@@ -1,4 +1,4 @@
-"""Generated SQuAD v2 and SST-2 look-alikes: small, deterministic, learnable by a tiny model, no download."""
+"""Generated SQuAD v2 and SST-2 look-alikes: deterministic, learnable by a small pretrained model, no download."""
 from __future__ import annotations
 
 import hashlib
@@ -11,44 +11,31 @@ from typing import Any
 _SYLLABLES = ["bel", "or", "ka", "stin", "ve", "lor", "dun", "mar", "tes", "ari", "quin", "zo", "hal", "em",
               "rid", "gar", "sol", "fen", "ith", "bra", "mo", "nel", "tor", "ul", "cav", "sy", "dra", "pel"]
 _PLACE_WORDS = ["", "", "", "", "Upper ", "New ", "Old "]
-_FIRST_NAMES = ["Anna", "Tomas", "Ilse", "Marek", "Odile", "Petra", "Ruben", "Saskia", "Ivo", "Lena", "Hugo",
-                "Greta", "Felix", "Nadia", "Oskar", "Vera", "Emil", "Clara", "Bruno", "Mira"]
-_SURNAMES = ["Holm", "Brandt", "Weller", "Moss", "Falk", "Graves", "Lind", "Stroud", "Kemp", "Voss", "Hale",
-             "Marsh"]
-
-
-def _pick(*choices: str):
-    return lambda rng: rng.choice(choices)
-
-
-# attribute as named in text -> (article written before the value, outside the answer span; value maker).
-# Each attribute draws its values from its own small closed set, and the first and last words of a value
-# tell its attribute. A tiny randomly initialised model can then learn "the question names X, so the answer
-# is the X-looking span" within a few hundred steps, and that carries over to dev, whose place names are
-# all new; telling two places apart is the harder skill, needed where two places share an attribute.
-_ATTRIBUTES: dict[str, tuple[str, Any]] = {
-    "capital": ("", _pick(*(f"Fort {w}" for w in ["Alder", "Raven", "Stone", "Birch", "Heron", "Crane",
-                                                   "Willow", "Thorn", "Ember", "Frost"]))),
-    "founder": ("", lambda rng: f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAMES)}"),
-    "currency": ("the ", _pick("gold crown", "silver mark", "copper shilling", "tin penny", "iron thaler",
-                               "bronze florin")),
-    "founding century": ("the ", _pick(*(f"{n} century" for n in ["ninth", "tenth", "eleventh", "twelfth",
-                                                                  "thirteenth", "fourteenth", "fifteenth"]))),
-    "main crop": ("", _pick("wheat", "rye", "oats", "potatoes", "grapes", "olives", "flax", "hops")),
-    "main export": ("", _pick("copper", "wool", "dried fish", "salt", "timber", "olive oil", "glass beads",
-                              "silk", "amber", "leather boots", "honey", "marble")),
-    "patron animal": ("the ", _pick("red fox", "heron", "brown bear", "lynx", "otter", "barn owl",
-                                    "wild boar", "falcon", "badger")),
-    "flag color": ("", _pick("deep blue", "green", "crimson", "white", "black", "orange", "violet", "grey")),
-    "longest river": ("the ", _pick(*(f"River {w}" for w in ["Tamber", "Ouse", "Lune", "Wyre", "Esk",
-                                                              "Kell", "Dove", "Arrow", "Swale"]))),
-    "highest peak": ("", _pick(*(f"Mount {w}" for w in ["Ardent", "Sorrel", "Kestrel", "Pallid", "Gable",
-                                                         "Cinder", "Hollow", "Beacon"]))),
-    "largest festival": ("the ", _pick(*(f"Festival of {w}" for w in ["Lanterns", "First Snow", "Bells",
-                                                                      "Kites", "Ash", "Masks", "Boats"]))),
-    "national sport": ("", _pick("rowing", "fencing", "archery", "wrestling", "chess", "sailing", "hurling",
-                                 "falconry")),
+# attribute as named in text -> (article written before the value, outside the answer span; marker word).
+# A value is its attribute's marker word and a made-up name ("Fort Belkast", "the River Ornel"), so the skill
+# is "the question names X: answer with the span that starts at X's marker and runs to the end of the name",
+# and it carries over to dev, whose names are all new. Measured (docs/benchmarks.md): MiniLM's first two
+# layers learn it in 300 steps (+15-20 EM over all-no-answer); with closed sets of everyday values instead
+# (wheat, copper, ...) the same model still answered nothing after 300 steps. A randomly initialised 2-layer
+# BERT learns neither within 1,200 steps: it is for shapes and speed, not for accuracy.
+_ATTRIBUTES: dict[str, tuple[str, str]] = {
+    "capital": ("", "Fort"),
+    "longest river": ("the ", "River"),
+    "highest peak": ("", "Mount"),
+    "largest lake": ("", "Lake"),
+    "main harbor": ("", "Port"),
+    "founder": ("", "King"),
+    "patron saint": ("", "Saint"),
+    "ruling family": ("", "House"),
+    "national hero": ("", "General"),
+    "oldest abbey": ("the ", "Abbey"),
+    "southern cape": ("", "Cape"),
+    "largest island": ("the ", "Isle"),
 }
+
+
+def _value(rng: random.Random, attr: str) -> str:
+    return f"{_ATTRIBUTES[attr][1]} {_name(rng, rng.choice([2, 2, 3]))}"
 
 
 def _name(rng: random.Random, parts: int = 2) -> str:
@@ -109,7 +96,7 @@ def _paragraph(rng: random.Random, split: str, seed: int, first_qid: int) -> dic
     for ent in entities:
         for _ in range(rng.randint(1, 2)):
             attr = pool.pop() if pool and rng.random() > 0.1 else rng.choice(list(_ATTRIBUTES))
-            facts.setdefault((ent, attr), _ATTRIBUTES[attr][1](rng))
+            facts.setdefault((ent, attr), _value(rng, attr))
     sentences: list[tuple[str, Any]] = []
     for (ent, attr), val in facts.items():
         sentences.append((rng.choice(_FACTS), (ent, attr, val)))
