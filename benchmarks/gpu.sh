@@ -3,6 +3,9 @@
 # transformers, peft, accelerate, pandas and click (the device image); the rest comes as wheels:
 #
 #   here:   ../shared/tools/gpu-wheels.sh .whl ; ../shared/tools/gpu-minilm.sh .gpu-minilm
+#           # the image's tokenizers 0.23.2 drops SQuAD stride windows (hpml refuses it): carry a fixed one
+#           .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#             --platform manylinux_2_17_x86_64 -d .whl tokenizers==0.23.3
 #           mkdir -p .gpu-tok && cp .gpu-minilm/{tokenizer.json,tokenizer_config.json,vocab.txt,special_tokens_map.json} .gpu-tok/
 #           mkdir -p .gpu-data/sst2 && cp ../shared/data/sst2/*.tsv .gpu-data/sst2/
 #   there:  bash benchmarks/gpu.sh setup            (carry .whl .gpu-tok; installs into /tmp/hpml-site)
@@ -30,7 +33,7 @@ setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hpml-site .whl/*.whl
   rm -rf /tmp/hpml-tok && cp -r .gpu-tok /tmp/hpml-tok
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, transformers, peft, mlflow, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'mlflow', mlflow.__version__, 'bnb', bitsandbytes.__version__)"
+  python3 -c "import torch, transformers, tokenizers, peft, mlflow, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'peft', peft.__version__, 'mlflow', mlflow.__version__, 'bnb', bitsandbytes.__version__)"
   ;;
 sst2)
   # Study 2's setup with MiniLM: first 20k rows, 2 epochs, batch 16/32, max length 128, seed 42.

@@ -284,7 +284,10 @@ def served(store):
         log = open(store.root / f"serve-{port}.log", "w")
         proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                                  "--host", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": store.uri}, start_new_session=True)
+                                env={**os.environ, "MLFLOW_TRACKING_URI": store.uri,
+                                     # mlflow starts `uvicorn` by name: the venv's, even outside make
+                                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+                                start_new_session=True)
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -300,6 +303,8 @@ def served(store):
 
     yield start
     for proc in procs:
+        if proc.poll() is not None:
+            continue  # already gone (it failed to start): its log is in the assertion above
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)

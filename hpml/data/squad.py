@@ -120,9 +120,38 @@ def load_squad(data_dir: Optional[str], split: Literal["train", "validation"]):
 
 
 # ---- features --------------------------------------------------------------------------------------------
+def check_overflow_windows(tokenizer, max_length: int, doc_stride: int) -> None:
+    """Fail loudly if the tokenizer's stride windows do not reach the end of a long context.
+
+    tokenizers 0.23.1 and 0.23.2 stop tokenizing a truncated input early, so the overflow windows of a long
+    context cover only its beginning (huggingface/tokenizers#2091): with transformers 5.17 a 2,750-character
+    context gave 2 windows ending at character 848 instead of 6 reaching its end. Training and evaluation
+    would silently lose every answer past the second window. The probe (a few milliseconds) runs once per
+    tokenizer object and window shape.
+    """
+    if (id(tokenizer), max_length, doc_stride) in _CHECKED:
+        return
+    context = " ".join(f"word{i}" for i in range(4 * max_length))
+    enc = tokenizer(["probe question"], [context], truncation="only_second", max_length=max_length,
+                    stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+    reached = max(off[1] for i, offsets in enumerate(enc["offset_mapping"])
+                  for off, seq in zip(offsets, enc.sequence_ids(i)) if seq == 1)
+    if reached != len(context):
+        import tokenizers
+
+        raise HpmlError(f"tokenizers {tokenizers.__version__} drops the stride windows of long contexts (the "
+                        f"windows reach character {reached} of {len(context)}; huggingface/tokenizers#2091): "
+                        "install another release, e.g. pip install 'tokenizers>=0.23.3'")
+    _CHECKED.add((id(tokenizer), max_length, doc_stride))
+
+
+_CHECKED: set[tuple[int, int, int]] = set()
+
+
 def _windows(examples: Mapping[str, list], tokenizer, max_length: int, doc_stride: int):
     if not 0 <= doc_stride < max_length:
         raise ValueError(f"doc_stride {doc_stride} must be in [0, max_length={max_length})")
+    check_overflow_windows(tokenizer, max_length, doc_stride)
     # Some SQuAD questions start with long runs of spaces, which waste window room.
     questions = [q.lstrip() for q in examples["question"]]
     # No padding here: the collator pads each batch (to max_length or to its longest row).
@@ -208,8 +237,12 @@ def feature_cache_key(
     doc_stride: int,
     kind: Literal["train", "eval"],
 ) -> str:
-    """A file-name-safe key for cached features: changes when the data, tokenizer, window or code change."""
-    parts = [f"v{FEATURE_VERSION}", data_fingerprint, tokenizer_name, str(max_length), str(doc_stride), kind]
+    """A file-name-safe key for cached features: changes when the data, tokenizer, window, code or the
+    tokenizers release change."""
+    import tokenizers  # windows depend on its version (see check_overflow_windows)
+
+    parts = [f"v{FEATURE_VERSION}", data_fingerprint, tokenizer_name, str(max_length), str(doc_stride), kind,
+             tokenizers.__version__]
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
     return f"squad-{kind}-{digest}"
 

@@ -175,6 +175,34 @@ def test_long_contexts_give_several_windows_with_answers_past_the_first(windows)
     assert first[-STRIDE:] == second[:STRIDE]
 
 
+def test_windows_reach_the_end_of_every_context(windows):
+    """The last window of each question ends at its context's last character: no text is dropped."""
+    ds, _, evalf = windows
+    reached = {}
+    for qid, offsets in zip(evalf["example_id"], evalf["offset_mapping"]):
+        ends = [o[1] for o in offsets if o is not None]
+        reached[qid] = max(reached.get(qid, 0), max(ends))
+    for row in ds:
+        assert reached[row["id"]] == len(row["context"].rstrip()), row["id"]
+
+
+class DropsLaterWindows:
+    """A tokenizer that keeps only the first two overflow windows, as tokenizers 0.23.1-0.23.2 do."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        enc = self.tokenizer(*args, **kwargs)
+        return transformers.BatchEncoding({k: v[:2] for k, v in enc.items()}, encoding=enc.encodings[:2])
+
+
+def test_a_tokenizer_that_drops_windows_is_refused_in_one_line(tokenizer, data_dir):
+    ds = load_squad(data_dir, "train").select(range(20))
+    with pytest.raises(HpmlError, match=r"drops the stride windows of long contexts .*tokenizers>=0\.23\.3"):
+        prepare_train_features(ds[:], DropsLaterWindows(tokenizer), MAX_LENGTH, STRIDE)
+
+
 # ---- cached tokenization -------------------------------------------------------------------------------------
 def test_tokenize_cached_does_not_run_twice(tmp_path, tokenizer, data_dir):
     ds = load_squad(data_dir, "validation")
