@@ -69,13 +69,17 @@ def squad_dir(tmp_path_factory) -> Path:
     return out
 
 
+def with_venv_path(env: dict) -> dict:
+    """`env` with this environment's bin first on PATH: MLproject commands start `python` and `mlflow models
+    serve` starts `uvicorn` by name, and they must be this environment's, activated or not."""
+    return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+
+
 def run_cmd(args: list[str], timeout: int = 600, env: dict | None = None, cwd: str | Path | None = None):
     """Run a command of the installed environment (hpml, mlflow) and capture its output."""
     exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
     # In-process runs leave mlflow's experiment/run variables behind; a subprocess must choose its own.
-    base = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
-    # MLproject commands start `python`: it must be this environment's, activated or not (make test is not)
-    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
+    base = with_venv_path({k: v for k, v in os.environ.items() if k not in LEAKY_ENV})
     return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout,
                           env={**base, **(env or {})}, cwd=cwd or REPO)
 

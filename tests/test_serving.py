@@ -24,7 +24,7 @@ from hpml.data import squad
 from hpml.data.sst2 import read_tsv
 from hpml.variants import Compile
 
-from conftest import BIN, free_port, last_line, run_cmd
+from conftest import BIN, free_port, last_line, run_cmd, with_venv_path
 
 # (task, variant): a LoRA adapter and a full fine-tune per task. b1 is LoRA + torch.compile; compile changes
 # speed, not what is exported, and costs ~100 s cold on 2 CPU cores, so it is switched off here.
@@ -284,9 +284,7 @@ def served(store):
         log = open(store.root / f"serve-{port}.log", "w")
         proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                                  "--host", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": store.uri,
-                                     # mlflow starts `uvicorn` by name: the venv's, even outside make
-                                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+                                env=with_venv_path({**os.environ, "MLFLOW_TRACKING_URI": store.uri}),
                                 start_new_session=True)
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
