@@ -188,6 +188,36 @@ def models_cmd(task):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+@main.command("server")
+@click.option("--backend-store-uri", default=None,
+              help="PostgreSQL URI of the tracking database (created if missing) [default: $HPML_SERVER_DB, "
+                   "else postgresql://hpml@127.0.0.1:5432/hpml]")
+@click.option("--auth-database-uri", default="",
+              help="PostgreSQL URI of the users/permissions database [default: the same server, <db>_auth]")
+@click.option("--artifacts-destination", default="mlartifacts", show_default=True,
+              help="where the server stores artifacts: a local folder or any MLflow artifact URI (s3://, gs://, ...)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (0.0.0.0 for the LAN)")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True, help="server worker processes")
+@click.option("--default-permission", default="READ", show_default=True,
+              help="what every user may do on experiments/models nobody granted them: READ, USE, EDIT, MANAGE, "
+                   "NO_PERMISSIONS")
+@click.option("--allowed-hosts", default="", help="Host headers to accept beyond localhost/private IPs "
+                                                  "(mlflow server --allowed-hosts)")
+@one_line_errors
+def server_cmd(backend_store_uri, auth_database_uri, artifacts_destination, host, port, workers,
+               default_permission, allowed_hosts):
+    """A team tracking server: mlflow server on PostgreSQL with proxied artifacts and basic-auth users.
+    The first start needs MLFLOW_AUTH_ADMIN_PASSWORD (the admin's password)."""
+    from hpml import server
+
+    cfg = server.ServerConfig(
+        backend_store_uri=backend_store_uri or os.environ.get("HPML_SERVER_DB") or server.DEFAULT_DB_URI,
+        auth_database_uri=auth_database_uri, artifacts_destination=artifacts_destination, host=host, port=port,
+        workers=workers, default_permission=default_permission.upper(), allowed_hosts=allowed_hosts)
+    sys.exit(server.serve(cfg, echo=click.echo))
+
+
 @main.command("predict")
 @click.option("--model", "model_uri", required=True,
               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or an hpml export folder")

@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from typing import Iterator, Optional
@@ -81,22 +82,106 @@ def tracking_uri(explicit: str = "") -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def connect(explicit: str = "") -> str:
-    """Point MLflow at the store; for a server, fail fast (5 s) instead of the client's ~4 min of retries."""
+def connect(explicit: str = "", experiment: str = "", model: str = "") -> str:
+    """Point MLflow at the store; for a server, fail fast (5 s, no retries) with one line instead of the
+    client's ~4 min of retries or a 401/403 traceback halfway through a run.
+
+    A server is checked in order: /health (reachable), an experiments search with the client's credentials
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: 401 = wrong or missing, 403 = no read access),
+    then, on a basic-auth server and for a non-admin, EDIT on `experiment` and on the registered `model`
+    where they already exist (a missing one the user creates and then manages)."""
     import mlflow
 
     uri = tracking_uri(explicit)
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-                ok = resp.status == 200
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise HpmlError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
-                            "(mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db")
-        if not ok:
-            raise HpmlError(f"tracking server {uri} answered /health with an error: check the server's log")
+        _check_server(uri.rstrip("/"), experiment, model)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+CAN_WRITE = ("EDIT", "MANAGE")  # basic-auth permissions that may log runs / add model versions
+
+
+def _check_server(uri: str, experiment: str, model: str) -> None:
+    try:
+        with urllib.request.urlopen(uri + "/health", timeout=5) as resp:
+            ok = resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise HpmlError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
+                        "(mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db")
+    if not ok:
+        raise HpmlError(f"tracking server {uri} answered /health with an error: check the server's log")
+    # /health answers everyone: only an authenticated endpoint tells whether the credentials work.
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)  # the env variables MLflow's client itself reads
+    user = creds.username or ""
+    status, _ = _get(uri, "/api/2.0/mlflow/experiments/search?max_results=1", creds)
+    if status == 401:
+        if not user:
+            raise HpmlError(f"tracking server {uri} requires a login: set MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD to a user its admin created")
+        raise HpmlError(f"tracking server {uri} rejected the password of user {user!r} (401): check "
+                        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or ask the server's admin to reset it")
+    if status == 403:
+        raise HpmlError(f"user {user!r} may not read experiments on {uri} (403): ask the server's admin for READ")
+    if status != 200:
+        raise HpmlError(f"tracking server {uri} answered an experiments search with HTTP {status}: check the server's log")
+    if not (experiment or model) or not user:
+        return
+    status, me = _get(uri, "/api/2.0/mlflow/users/current", creds)
+    if status != 200 or me.get("user", {}).get("is_admin"):
+        return  # no basic-auth app (nothing to check), or an admin, who may do everything
+    targets = []
+    if experiment and not os.environ.get("MLFLOW_RUN_ID"):  # under mlflow run the run exists already
+        status, found = _get(uri, "/api/2.0/mlflow/experiments/get-by-name?"
+                             + urllib.parse.urlencode({"experiment_name": experiment}), creds)
+        if status == 200:
+            targets.append(("experiment", found["experiment"]["experiment_id"], f"experiment {experiment!r}",
+                            "logging runs into it", "choose another experiment"))
+        elif status == 403:
+            raise HpmlError(f"user {user!r} may not read experiment {experiment!r} on {uri} (403): ask its owner or "
+                            "the server's admin for EDIT (docs/team-server.md), or choose another experiment")
+    if model:
+        status, _ = _get(uri, "/api/2.0/mlflow/registered-models/get?" + urllib.parse.urlencode({"name": model}),
+                         creds)
+        if status == 200:
+            targets.append(("registered_model", model, f"registered model {model!r}",
+                            "registering a version of it", "train with register=false"))
+        elif status == 403:
+            raise HpmlError(f"user {user!r} may not read registered model {model!r} on {uri} (403): ask its owner "
+                            "or the server's admin for EDIT (docs/team-server.md), or train with register=false")
+    for rtype, rid, label, action, alternative in targets:
+        query = urllib.parse.urlencode({"username": user, "resource_type": rtype, "resource_id": rid})
+        status, perm = _get(uri, "/api/3.0/mlflow/users/permissions/get?" + query, creds)
+        if status == 200 and perm.get("permission") not in CAN_WRITE:
+            raise HpmlError(f"user {user!r} has {perm.get('permission')} on {label} at {uri}, and {action} needs "
+                            f"EDIT (403): ask its owner or the server's admin to grant it (docs/team-server.md), "
+                            f"or {alternative}")
+
+
+def _get(uri: str, path: str, creds) -> tuple[int, dict]:
+    """One GET with the client's credentials, 5 s, no retries: (HTTP status, JSON body or {})."""
+    import base64
+    import json
+
+    req = urllib.request.Request(uri + path)
+    if creds.username and creds.password:
+        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    elif creds.token:
+        req.add_header("Authorization", f"Bearer {creds.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise HpmlError(f"tracking server {uri} stopped answering ({getattr(exc, 'reason', exc)}): check the server")
+    try:
+        return status, json.loads(body or b"{}")
+    except ValueError:
+        return status, {}
 
 
 # ---- provenance tags ----------------------------------------------------------------------------------

@@ -258,7 +258,9 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         raise UsageError(f"purpose must be one of {', '.join(tracking.PURPOSES)}, got {cfg.purpose!r}")
     device = modeling.check_device(variant)
     precision = modeling.resolve_precision(variant, device)
-    tracking.connect()
+    # On a team server: credentials and EDIT on the experiment and registered model, before any work.
+    tracking.connect(experiment=cfg.experiment or tracking.DEFAULT_EXPERIMENT[cfg.task],
+                     model=tracking.registered_model_name(cfg.task, variant.id) if cfg.register else "")
     work = tempfile.mkdtemp(prefix=f"hpml-{cfg.task}-{variant.id}-")
     try:
         # Inputs are validated before the run exists, so a bad file or model leaves no run behind.

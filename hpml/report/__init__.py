@@ -35,7 +35,7 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
         raise UsageError("out must name a folder for the report, e.g. --out report")
     names = [n.strip() for n in (experiments or "").split(",") if n.strip()]
 
-    uri = tracking.connect(tracking_uri)
+    uri = tracking.connect(tracking_uri, experiment=tracking.DEFAULT_EXPERIMENT["report"])
     df = tracking.search_runs(names or None)
     task_col = f"tags.{tracking.TAG_TASK}"
     # Runs are found by tag, not experiment: keep training and probe runs, drop ours and foreign ones.
