@@ -215,18 +215,19 @@ def serve(cfg: ServerConfig, echo=print) -> int:
     # The auth app's CSRF protection needs one secret shared by all workers; a fresh one per start only
     # logs UI users out on a restart (set it yourself to keep their sessions).
     env.setdefault(SECRET_KEY_ENV, secrets.token_urlsafe(32))
+    # MLflow's background job runner serves GenAI scorers, which hpml does not use: it would only cost
+    # worker processes and CPU. Set it to true to have them anyway.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     try:
-        # Its own session, so that a stop reaches the whole group (mlflow server runs worker processes).
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # Same process group: Ctrl-C in the terminal, or a kill of the group, reaches the server's workers too.
+        proc = subprocess.Popen(cmd, env=env)
 
-        def stop(signum, _frame):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        def forward(signum, _frame):  # a signal sent to hpml alone: pass it on, then wait for the exit
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
         if wait_healthy(client_uri(cfg), proc):
             echo(usage_text(cfg, admin))
         return proc.wait()

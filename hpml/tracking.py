@@ -161,7 +161,9 @@ def _check_server(uri: str, experiment: str, model: str) -> None:
 
 
 def _get(uri: str, path: str, creds) -> tuple[int, dict]:
-    """One GET with the client's credentials, 5 s, no retries: (HTTP status, JSON body or {})."""
+    """One GET with the client's credentials, no retries: (HTTP status, JSON body or {}). 30 s: the server
+    answered /health, so a slow answer means a busy server (the first request of each worker sets it up), not
+    a dead one."""
     import base64
     import json
 
@@ -172,7 +174,7 @@ def _get(uri: str, path: str, creds) -> tuple[int, dict]:
     elif creds.token:
         req.add_header("Authorization", f"Bearer {creds.token}")
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=30) as resp:
             status, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
