@@ -1,6 +1,7 @@
 """`hpml server`: a team tracking server (mlflow server on PostgreSQL, proxied artifacts, basic-auth users)."""
 from __future__ import annotations
 
+import http.client
 import os
 import secrets
 import shutil
@@ -22,6 +23,7 @@ ADMIN_USER_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 DEFAULT_ADMIN = "admin"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
+AUTH_CACHE_TTL_S = 60
 MIN_PASSWORD = 12  # MLflow's basic-auth password policy (mlflow.utils.validation._validate_password)
 # READ: everyone sees every run and model (the report reads the whole store); writing takes EDIT, granted
 # per experiment and registered model (docs/team-server.md). The creator of either gets MANAGE.
@@ -130,6 +132,10 @@ def auth_ini(auth_uri: str, default_permission: str, admin: str) -> str:
         f"database_uri = {auth_uri}",
         f"admin_username = {admin}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        # Basic auth re-hashes the password (PBKDF2) on every request: a training run makes ~100 requests, and
+        # uncached that cost ~1.5 s each on a busy 2-core machine. The price of the cache: a password change
+        # or a deleted user reaches the other workers only after this many seconds.
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}",
         "",
     ])
 
@@ -201,7 +207,7 @@ def wait_healthy(uri: str, proc: subprocess.Popen, timeout: float = 120.0) -> bo
             with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
                 if resp.status == 200:
                     return True
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not listening yet, or a half-started worker
             time.sleep(0.5)
     return proc.poll() is None
 
@@ -228,8 +234,13 @@ def serve(cfg: ServerConfig, echo=print) -> int:
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        if wait_healthy(client_uri(cfg), proc):
-            echo(usage_text(cfg, admin))
-        return proc.wait()
+        try:
+            if wait_healthy(client_uri(cfg), proc):
+                echo(usage_text(cfg, admin))
+            return proc.wait()
+        finally:
+            if proc.poll() is None:  # hpml itself failed: never leave a server without its config behind
+                proc.terminate()
+                proc.wait()
     finally:
         os.unlink(ini)

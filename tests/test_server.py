@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import time
@@ -134,7 +135,7 @@ def alice_runs(team_server, sst2_dir, squad_dir):
             res = invoke(team_server, ALICE, [f"train-{task}", "--variant", variant, "--data-dir", str(data),
                                               "--experiment", f"team-a-{task}", *extra], mp)
             assert res.exit_code == 0, res.output
-            runs[task] = res.stdout.split("run ", 1)[1].split()[0]
+            runs[task] = re.search(r"^run (\w+) \(", res.stdout, re.M).group(1)  # hpml's summary line
     return runs
 
 
