@@ -5,7 +5,7 @@ STAMP := $(VENV)/.hpml-installed
 # MLproject commands run `python …`: with the venv first on PATH that is the venv's, activated or not.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test ui clean
+.PHONY: install demo test ui server clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: install
 
 ui:
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# A team tracking server (docs/team-server.md): PostgreSQL from `apt-get install postgresql`, basic-auth
+# users. HPML_SERVER_DB names the database; the first start needs MLFLOW_AUTH_ADMIN_PASSWORD.
+server: install
+	$(VENV)/bin/hpml server $(SERVER_ARGS)
 
 clean:
 	rm -rf demo-data report mlruns mlartifacts mlflow.db
