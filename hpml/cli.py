@@ -35,7 +35,10 @@ def one_line_errors(f):
         try:
             return f(*args, **kwargs)
         except HpmlError as exc:
-            click.echo(f"hpml: error: {exc}", err=True)
+            from hpml import launch
+
+            if not launch.in_worker():  # a data-parallel worker's error is reported once, by its launcher
+                click.echo(f"hpml: error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
     return run

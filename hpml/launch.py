@@ -180,6 +180,10 @@ def launch(argv: list[str], nproc: int) -> None:
 
     from hpml import tracking
 
+    import logging
+
+    # The agent logs each worker failure with its own multi-line report; the launcher says it in one line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     launch_dir = tempfile.mkdtemp(prefix="hpml-launch-")
     os.environ[ENV_LAUNCH_DIR] = launch_dir
     # One compute thread per worker share of the cores (torchrun's CLI sets OMP_NUM_THREADS=1 itself).
