@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from hpml.errors import HpmlError, UsageError
@@ -85,6 +84,17 @@ def _connect(uri: str, dbname: str):
                         f"({POSTGRES_INSTALL}), start it, and check the user and password in the URI") from None
 
 
+def database_exists(uri: str) -> bool:
+    name = database_name(uri)
+    try:
+        _connect(uri, name).close()
+        return True
+    except HpmlError as exc:
+        if f'database "{name}" does not exist' not in str(exc):
+            raise
+        return False
+
+
 def ensure_database(uri: str) -> bool:
     """Create the URI's database when it is missing (through the `postgres` maintenance database, as
     createdb does). Returns True when it was created. The URI's user needs the CREATEDB right for that."""
@@ -92,12 +102,8 @@ def ensure_database(uri: str) -> bool:
     from psycopg import sql
 
     name = database_name(uri)
-    try:
-        _connect(uri, name).close()
+    if database_exists(uri):
         return False
-    except HpmlError as exc:
-        if f'database "{name}" does not exist' not in str(exc):
-            raise
     # autocommit: CREATE DATABASE cannot run inside a transaction
     with _connect(uri, "postgres") as conn:
         try:
@@ -159,14 +165,15 @@ def prepare(cfg: ServerConfig, env: dict[str, str]) -> tuple[list[str], str, str
     if cfg.default_permission not in PERMISSIONS:
         raise UsageError(f"--default-permission must be one of {', '.join(PERMISSIONS)}, got {cfg.default_permission!r}")
     admin = env.get(ADMIN_USER_ENV) or DEFAULT_ADMIN
-    ensure_database(cfg.backend_store_uri)
-    ensure_database(auth_uri)
-    if not admin_exists(auth_uri, admin):
+    # The admin's password is checked before anything is created: a refused start leaves nothing behind.
+    if not (database_exists(auth_uri) and admin_exists(auth_uri, admin)):
         password = env.get(ADMIN_PASSWORD_ENV, "")
         if len(password) < MIN_PASSWORD:
             raise UsageError(f"the first start creates the admin user {admin!r}: set {ADMIN_PASSWORD_ENV} to "
                              f"its password (at least {MIN_PASSWORD} characters), e.g. "
                              f"{ADMIN_PASSWORD_ENV}=\"$(openssl rand -base64 18)\"")
+    ensure_database(cfg.backend_store_uri)
+    ensure_database(auth_uri)
     if "://" not in cfg.artifacts_destination:
         os.makedirs(cfg.artifacts_destination, exist_ok=True)
     fd, ini = tempfile.mkstemp(prefix="hpml-basic-auth-", suffix=".ini")  # 0600: it holds the db password

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ class TeamServer:
     url: str
     artifacts: Path
     log: Path
+    db: str  # the tracking database's URI (superuser postgres, trust auth on loopback)
 
     def env(self, user: tuple[str, str]) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": user[0],
@@ -94,7 +94,7 @@ def team_server(tmp_path_factory):
         [str(BIN / "hpml"), "server", "--backend-store-uri", db, "--port", str(port), "--workers", "1",
          "--artifacts-destination", str(root / "artifacts")],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = TeamServer(f"http://127.0.0.1:{port}", root / "artifacts", log)
+    server = TeamServer(f"http://127.0.0.1:{port}", root / "artifacts", log, db)
     try:
         deadline = time.time() + 180
         while "hpml server: http://" not in log.read_text():  # printed once /health answers
@@ -265,3 +265,33 @@ def test_eight_concurrent_runs_finish_and_register_with_the_champion_on_the_best
     # Registrations interleave, so among equal best values any may hold the alias; it must be one of them.
     champ = int(alice.get_model_version_by_alias("hpml-sst2-fp32", tracking.CHAMPION).version)
     assert acc[champ] == max(acc.values()), (champ, acc)
+
+
+@pytest.mark.parametrize("uri, exit_code, says", [
+    ("sqlite:///mlflow.db", 2, "--backend-store-uri must be a PostgreSQL URI like postgresql://hpml@127.0.0.1:5432/hpml"),
+    ("postgresql://hpml:secret@127.0.0.1:1/hpml", 1, "cannot connect to PostgreSQL at postgresql://hpml:***@127.0.0.1:1/hpml"),
+    ("postgresql://hpml@127.0.0.1:5432", 2, "names no database: end it with /DBNAME"),
+])
+def test_server_refuses_bad_stores_in_one_line(uri, exit_code, says, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli.main, ["server", "--backend-store-uri", uri, "--port", str(free_port())])
+    assert res.exit_code == exit_code and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith("hpml: error: ") and says in res.output
+    assert "secret" not in res.output and not (tmp_path / "mlartifacts").exists()  # nothing made, no password shown
+
+
+def test_first_start_without_an_admin_password_creates_nothing(team_server, tmp_path, monkeypatch):
+    import psycopg
+
+    from hpml.server import with_database
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    fresh = with_database(team_server.db, "fresh")
+    res = CliRunner().invoke(cli.main, ["server", "--backend-store-uri", fresh, "--port", str(free_port())])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "hpml: error: the first start creates the admin user 'admin': set MLFLOW_AUTH_ADMIN_PASSWORD to its "
+        "password (at least 12 characters), e.g. MLFLOW_AUTH_ADMIN_PASSWORD=\"$(openssl rand -base64 18)\""]
+    with psycopg.connect(with_database(team_server.db, "postgres")) as conn:
+        names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    assert {"hpml", "hpml_auth"} <= names and not {"fresh", "fresh_auth"} & names
