@@ -63,8 +63,36 @@ REPORT_PARAMS: list[Param] = [
     Param("purpose", "string", "", "only runs with this purpose tag (demo | test | real); empty = all"),
 ]
 
+REPORT_PARAMS.append(Param("series_run", "string", "",
+                           "only the children of this series parent run ID (hpml series sets it); empty = all"))
+# `hpml series`: training parameters pass through to every child. Those whose default differs between the
+# two tasks are strings, empty = each task's own default (so `all` runs SQuAD and SST-2 each as the study did).
+SERIES_PARAMS: list[Param] = [
+    Param("name", "string", None, "study table (squad-a, squad-b, squad-c, sst2, all) or comma list of variant IDs"),
+    Param("seeds", "int", 1, "repeat every variant with this many seeds (seed, seed+1, …)"),
+    Param("seed", "int", 42, "the first seed"),
+    Param("model", "string", "bert-base-uncased",
+          "hub ID, local checkpoint folder, 'minilm' (the installed all-MiniLM-L6-v2) or random:<size>"),
+    Param("data_dir", "string", "", "folder with the task's official-format files, or with squad/ and sst2/ "
+          "subfolders for a series of both tasks; empty = the hub datasets"),
+    Param("max_train_samples", "string", "", "first N training examples (0 = all); empty = each task's default"),
+    Param("max_eval_samples", "int", 0, "use the first N evaluation examples (0 = all)"),
+    Param("epochs", "float", 2.0, "training epochs (ignored when max_steps > 0)"),
+    Param("max_steps", "int", 0, "stop after N optimizer steps (0 = train by epochs)"),
+    Param("batch_size", "int", 16, "training batch size"),
+    Param("eval_batch_size", "string", "", "evaluation batch size; empty = each task's default"),
+    Param("max_length", "string", "", "maximum tokens per sequence; empty = each task's default"),
+    Param("lr", "string", "", "learning rate; empty = each variant's own"),
+    Param("doc_stride", "int", 128, "SQuAD: overlap in tokens between consecutive windows"),
+    Param("experiment", "string", "hpml-series",
+          "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
+    Param("register", "string", "false", "register every child's model (true|false); off: a series measures"),
+    Param("purpose", "string", "real", "demo | test | real, on every child"),
+    Param("out", "string", "", "folder for the series' report; empty = report/series-<name>"),
+]
+
 COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "vram_probe": VRAM_PARAMS,
-                  "report": REPORT_PARAMS}
+                  "report": REPORT_PARAMS, "series": SERIES_PARAMS}
 
 
 @dataclass

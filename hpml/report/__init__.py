@@ -13,7 +13,7 @@ def _echo_err(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purpose: str, *,
+def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purpose: str, series_run: str = "", *,
                echo: Callable[[str], None] = print, note: Callable[[str], None] = _echo_err) -> list[Path]:
     """Query the store, write the tables (`formats`) and plots under `out`, print the Markdown report on
     `echo` (stdout: it pipes cleanly) and progress on `note` (stderr), then log every written file as an
@@ -40,6 +40,9 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
     task_col = f"tags.{tracking.TAG_TASK}"
     # Runs are found by tag, not experiment: keep training and probe runs, drop ours and foreign ones.
     df = df[df[task_col].isin(RUN_TASKS)] if task_col in df.columns else df.iloc[0:0]
+    if series_run:  # a series' report: its own children only
+        parent_col = f"tags.{tracking.TAG_PARENT}"
+        df = df[df[parent_col] == series_run] if parent_col in df.columns else df.iloc[0:0]
     tag_filter = {tracking.TAG_PURPOSE: purpose} if purpose else None
     tables = build_report(df, tag_filter, tracking_uri=uri)  # EmptyReportError when nothing matches
 
@@ -53,7 +56,7 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
         note(f"skipped plots (no runs with their metrics): {', '.join(skipped)}")
 
     inputs = {"tracking_uri": tracking_uri, "out": out, "formats": formats, "experiments": experiments,
-              "purpose": purpose}
+              "purpose": purpose, "series_run": series_run}
     resolved = {"resolved.tracking_uri": uri, "resolved.formats": ",".join(chosen),
                 "resolved.experiments": ",".join(names) or "(all)", "resolved.purpose": purpose or "(all)"}
     files = written + plots
