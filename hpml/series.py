@@ -70,7 +70,9 @@ def resolve_variants(name: str, cuda: bool) -> tuple[list[Variant], list[str]]:
         tables = list(STUDY_TABLES.values()) if key == ALL else [STUDY_TABLES[key]]
         ids: list[str] = []
         for t in tables:
-            ids += [v for v in (t.baseline, *t.variants) if v not in ids]
+            for vid in (t.baseline, *t.variants):
+                if vid not in ids:
+                    ids.append(vid)
         chosen, skipped = [], []
         for v in (get_variant(i) for i in ids):
             if v.requires_cuda and not cuda:
