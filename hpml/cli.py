@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from hpml.config import REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig
+from hpml.config import (REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
+                         small_run_note)
 from hpml.errors import HpmlError
 
 TYPES = {"string": str, "int": int, "float": float}
@@ -79,6 +80,9 @@ def _train(task: str, kw: dict):
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
+    note = small_run_note(task, cfg.purpose, cfg.max_steps, cfg.max_train_samples)
+    if note:
+        click.echo(f"hpml: note: {note}", err=True)
     summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
     m = summary["metrics"]
     headline = ("eval_exact", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1") if task == "squad" else ("eval_accuracy",)

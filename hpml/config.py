@@ -121,3 +121,25 @@ class TrainConfig:
     max_answer_length: int = 30
     null_threshold: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def short_model(model: str) -> str:
+    """A model reference short enough for a run description or a report cell: `minilm`, `random:tiny`,
+    `bert-base-uncased` (a hub ID or folder loses its owner/parent path)."""
+    model = str(model or "").strip()
+    return model if model.startswith("random:") else model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def small_run_note(task: str, purpose: str, max_steps: int, max_train_samples: int) -> Optional[str]:
+    """One line when a run looks like a smoke test (max_steps, or fewer training rows than the task's default)
+    but keeps purpose=real: its version would compete for `champion` with full runs. hpml warns rather than
+    switching the purpose itself: a real study on a subset (study 2 used 20,000 SST-2 rows) is legitimate."""
+    default = {"squad": SQUAD_PARAMS, "sst2": SST2_PARAMS}[task]
+    rows = next(p.default for p in default if p.name == "max_train_samples")
+    why = [f"max_steps={max_steps}"] if max_steps > 0 else []
+    if max_train_samples and (not rows or max_train_samples < rows):
+        why.append(f"max_train_samples={max_train_samples}")
+    if purpose != "real" or not why:
+        return None
+    return (f"purpose=real on a small run ({', '.join(why)}): it competes with full runs for the champion alias "
+            "and the report's real rows; pass purpose test for a smoke run")

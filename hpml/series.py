@@ -21,7 +21,7 @@ from typing import Optional
 import click
 
 from hpml import tracking
-from hpml.config import SQUAD_PARAMS, SST2_PARAMS, TrainConfig
+from hpml.config import SQUAD_PARAMS, SST2_PARAMS, TrainConfig, small_run_note
 from hpml.errors import HpmlError, UsageError
 from hpml.report.study import STUDY_TABLES
 from hpml.variants import Variant, get_variant
@@ -191,6 +191,10 @@ def run_series(name: str, seeds: int, seed: int, out: str, experiment: str, **kw
     for line in skipped:
         click.echo(line)
     cfgs = child_configs(variants, kw, seeds, seed)
+    note = next((n for n in (small_run_note(c.task, c.purpose, c.max_steps, c.max_train_samples) for c in cfgs) if n),
+                None)
+    if note:
+        click.echo(f"hpml: note: {note}", err=True)
     modeling.resolve_model_ref(kw["model"])  # a bad model fails here, once, not in every child
     commit = tracking.git_commit()
     children = [Child(c, {**run_identity(c), tracking.TAG_GIT_COMMIT: commit}) for c in cfgs]

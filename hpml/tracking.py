@@ -20,6 +20,7 @@ TAG_FINGERPRINT = "data_fingerprint"
 TAG_GIT_COMMIT = "git_commit"
 TAG_DEVICE = "device"  # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
 TAG_CONFIG_HASH = "config_hash"
+TAG_RECIPE = "recipe_hash"  # config hash without the seed, + data fingerprint: runs that are seed repeats
 TAG_PRECISION = "precision"  # resolved: fp32 | fp16 | bf16
 TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's description in the UI: variant, model, seed, data

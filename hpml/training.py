@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hpml import modeling, serving, tracking
-from hpml.config import TrainConfig
+from hpml.config import TrainConfig, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
 from hpml.metrics import memory
@@ -104,6 +104,12 @@ def config_hash(params: dict[str, object]) -> str:
                         if k not in ("resolved.experiment", "resolved.register")})
 
 
+def recipe_hash(params: dict[str, object], data_fingerprint: str) -> str:
+    """The `recipe_hash` tag: configuration and data without the seed. Runs sharing it are repeats of one
+    recipe, and the report's mean and confidence interval are taken over them."""
+    return config_hash({**{k: v for k, v in params.items() if k != "resolved.seed"}, "data": data_fingerprint})
+
+
 def run_identity(cfg: TrainConfig) -> dict[str, str]:
     """The tags that say whether two runs trained the same thing on the same data: config hash and data
     fingerprint (with the git commit, what `hpml series` compares before skipping a finished child).
@@ -114,11 +120,6 @@ def run_identity(cfg: TrainConfig) -> dict[str, str]:
     precision = modeling.resolve_precision(variant, modeling.check_device(variant))
     params = resolve_params(replace(cfg, variant=variant.id), variant, precision)
     return {tracking.TAG_CONFIG_HASH: config_hash(params), tracking.TAG_FINGERPRINT: data_fingerprint(cfg)}
-
-
-def short_model(model: str) -> str:
-    """A model reference short enough for a run description: `minilm`, `random:tiny`, `bert-base-uncased`."""
-    return model.rstrip("/").rsplit("/", 1)[-1] if not model.startswith("random:") else model
 
 
 def describe(cfg: TrainConfig, variant: Variant) -> str:
@@ -347,6 +348,7 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
                 tracking.TAG_FINGERPRINT: prep.fingerprint, tracking.TAG_PRECISION: precision}
         params = resolve_params(cfg, variant, precision)
         tags[tracking.TAG_CONFIG_HASH] = config_hash(params)
+        tags[tracking.TAG_RECIPE] = recipe_hash(params, prep.fingerprint)
         tags[tracking.TAG_DESCRIPTION] = describe(cfg, variant)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
                           system_metrics=tracking.system_metrics_wanted(device)) as run_id:

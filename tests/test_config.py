@@ -46,3 +46,14 @@ def test_entry_points_are_thin():
         src = (REPO / "entry_points" / f"{ep}.py").read_text()
         assert f'main(["{cli_name}", *sys.argv[1:]]' in src
         assert len(src.splitlines()) < 12
+
+
+def test_small_real_runs_get_one_line_note():
+    from hpml.config import small_run_note
+
+    assert small_run_note("sst2", "real", 0, 20000) is None  # study 2's own subset is a real run
+    assert small_run_note("sst2", "test", 5, 100) is None
+    assert small_run_note("squad", "real", 0, 0) is None
+    note = small_run_note("squad", "real", 2, 64)
+    assert note.startswith("purpose=real on a small run (max_steps=2, max_train_samples=64):") and "\n" not in note
+    assert "max_train_samples=640" in small_run_note("sst2", "real", 0, 640)

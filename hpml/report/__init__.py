@@ -24,8 +24,8 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
     """
     # Imported here: pandas and matplotlib cost seconds, and `hpml --help` should not pay them.
     from hpml.report.plots import PLOT_FILES, make_plots
-    from hpml.report.tables import (RUN_TASKS, _parse_formats, build_report, render_all, report_markdown,
-                                    select_runs)
+    from hpml.report.tables import (RUN_TASKS, _parse_formats, build_report, finished_runs, render_all,
+                                    report_markdown)
 
     chosen = _parse_formats(formats)  # a bad format fails before any network call
     purpose = (purpose or "").strip().lower()
@@ -48,7 +48,7 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
 
     out_dir = Path(out)
     written = render_all(tables, chosen, out_dir)
-    plots = make_plots(select_runs(df, tag_filter), out_dir)
+    plots = make_plots(finished_runs(df, tag_filter), out_dir)  # seed repeats too: error bars
     echo(report_markdown(tables))
     made = {p.name for p in plots}
     skipped = [name for name in PLOT_FILES.values() if name not in made]
