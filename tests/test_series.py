@@ -1,6 +1,7 @@
 """`hpml series`: planning on its own (pure), then a squad-a-like series through `mlflow run . -e series`: one
 parent, a child per variant × seed, the report last; a killed child is the only one a rerun trains again, and
 a complete series run again creates no child at all."""
+import csv
 import os
 import signal
 import subprocess
@@ -112,11 +113,19 @@ def test_series_resumes_and_retries_only_the_killed_child(tracking_uri, tmp_path
     assert client.get_run(parent).info.status == "FINISHED"
     resumed = [r for r in runs if r.data.tags.get(T.TAG_SERIES_RESUMED) == parent]
     assert len(resumed) == 1 and len([r for r in runs if r.data.tags.get(T.TAG_TASK) == "series"]) == 1
-    # the report child's tables aggregate both seeds of each variant
-    table = (tmp_path / "report" / "table2_a_series.csv").read_text()
-    assert table
+    # the report child's tables aggregate both seeds of each variant, model named, and the differences to A2
+    rows = {r["ID"]: r for r in csv.DictReader(open(tmp_path / "report" / "table2_a_series.csv"))}
+    assert [(rows[i]["model"], rows[i]["seeds"]) for i in ("A1", "A2")] == [("random:tiny", "2")] * 2
+    assert rows["A3"]["seeds"] == "" and float(rows["A1"]["F1"]) >= 0.0
+    stats = [r for r in csv.DictReader(open(tmp_path / "report" / "table7_statistics.csv")) if r["metric"] == "F1"]
+    assert [(r["ID"], r["seeds"], r["baseline"]) for r in stats] == [("A1", "2", "A2"), ("A2", "2", "A2")]
+    assert stats[0]["verdict"] in ("within noise", "higher", "lower") and stats[1]["verdict"] == "baseline"
 
-    # 3. Complete: nothing new at all.
-    third = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
-    assert third.returncode == 0 and "report: kept FINISHED run" in third.stdout, third.stdout[-2000:]
+    # 3. Complete: nothing new at all; a direct `hpml series` (in-process here, to save a start-up) finds the same
+    #    parent by its name and parameters.
+    args = ["series", "a1,a2"] + [a for p in cmd[cmd.index("name=a1,a2") + 1:] if p != "-P"
+                                  for a in ("--" + p.split("=", 1)[0].replace("_", "-"), p.split("=", 1)[1])]
+    third = CliRunner().invoke(main, args)
+    assert third.exit_code == 0 and "report: kept FINISHED run" in third.output, third.output[-2000:]
+    assert third.output.count(": kept FINISHED run") == 5 and f"parent run {parent}" in third.output
     assert len([r for r in _runs(client) if r.data.tags.get(T.TAG_PARENT) == parent]) == 7
