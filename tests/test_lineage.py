@@ -21,7 +21,7 @@ def inputs_of(client, run_id):
 
 
 def test_runs_log_dataset_inputs_that_follow_the_data(sst2_dir, tracking_uri, tmp_path):
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     first = run_training(tiny(sst2_dir, max_train_samples=40))
     ds, run = inputs_of(client, first["run_id"])
     assert set(ds) == {"train", "eval"}

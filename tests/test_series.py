@@ -42,8 +42,9 @@ def test_cli_refuses_bad_input_before_any_run(tracking_uri, tmp_path):
     assert result.exit_code == 2 and result.output.strip() == "hpml: error: seeds must be 1 or more, got 0"
     result = CliRunner().invoke(main, ["series", "fp32", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "has no sst2 data" in result.output
-    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient().search_runs(
-        [e.experiment_id for e in MlflowClient().search_experiments()])
+    client = MlflowClient(tracking_uri)
+    assert not (tmp_path / "mlflow.db").exists() or not client.search_runs(
+        [e.experiment_id for e in client.search_experiments()])
 
 
 def test_mixed_series_take_each_task_from_its_subfolder(tmp_path):
@@ -88,7 +89,7 @@ def test_series_resumes_and_retries_only_the_killed_child(tracking_uri, tmp_path
     assert "[3/4] a2/seed42: KILLED" in out and "[4/4] a2/seed43: FINISHED" in out
     assert "1 of 4 runs did not finish (a2/seed42): rerun the same command to retry only those" in out
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     runs = _runs(client)
     parents = [r for r in runs if r.data.tags.get(T.TAG_TASK) == "series"]
     assert len(parents) == 1 and parents[0].data.tags[T.TAG_SERIES] == "a1,a2"
