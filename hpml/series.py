@@ -181,6 +181,11 @@ def fmt_s(seconds: float) -> str:
 def run_series(name: str, seeds: int, seed: int, out: str, experiment: str, **kw) -> str:
     """Plan, find or create the parent, run the missing children, then the report. Returns the parent run ID;
     raises SeriesFailed (exit 1) when some child failed: rerunning the same command retries only those."""
+    if seeds < 1:
+        raise UsageError(f"seeds must be 1 or more, got {seeds}")
+    # Names and data folders are checked before torch loads (seconds): a typo costs one quick line.
+    for task in dict.fromkeys(v.task for v in resolve_variants(name, cuda=True)[0]):
+        task_data_dir(kw["data_dir"], task)
     import torch
     from mlflow import MlflowClient
 

@@ -42,9 +42,7 @@ def test_cli_refuses_bad_input_before_any_run(tracking_uri, tmp_path):
     assert result.exit_code == 2 and result.output.strip() == "hpml: error: seeds must be 1 or more, got 0"
     result = CliRunner().invoke(main, ["series", "fp32", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "has no sst2 data" in result.output
-    client = MlflowClient(tracking_uri)
-    assert not (tmp_path / "mlflow.db").exists() or not client.search_runs(
-        [e.experiment_id for e in client.search_experiments()])
+    assert not (tmp_path / "mlflow.db").exists()  # refused before connecting: no store, no run
 
 
 def test_mixed_series_take_each_task_from_its_subfolder(tmp_path):
