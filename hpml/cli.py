@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from hpml.config import REPORT_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig
+from hpml.config import (REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
+                         small_run_note)
 from hpml.errors import HpmlError
 
 TYPES = {"string": str, "int": int, "float": float}
@@ -83,6 +84,9 @@ def _train(task: str, kw: dict):
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
+    note = small_run_note(task, cfg.purpose, cfg.max_steps, cfg.max_train_samples)
+    if note and not launch.in_worker():
+        click.echo(f"hpml: note: {note}", err=True)
     if not launch.in_worker():
         from hpml.variants import get_variant
 
@@ -189,6 +193,18 @@ def report(**kw):
     from hpml.report import run_report
 
     run_report(**kw)
+
+
+@main.command("series")
+@click.argument("name")
+@options(SERIES_PARAMS[1:])
+@one_line_errors
+def series(name, **kw):
+    """Run a study table (squad-a, squad-b, squad-c, sst2, all) or a comma list of variants × seeds as nested
+    MLflow runs under one parent, then its report. The same command again resumes: finished runs are kept."""
+    from hpml.series import run_series
+
+    run_series(name, **kw)
 
 
 @main.command("models")
