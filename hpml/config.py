@@ -44,6 +44,8 @@ SQUAD_PARAMS: list[Param] = _common("squad", model_default="bert-base-uncased", 
     Param("n_best", "int", 20, "candidate start/end positions per window in postprocessing"),
     Param("max_answer_length", "int", 30, "longest answer span in tokens"),
     Param("null_threshold", "float", 0.0, "predict no answer when null score - best span score > this"),
+    Param("max_tokens", "int", 0, "packed variants (p*): tokens per step, features laid end to end; "
+          "0 = batch_size x max_length"),
 ]
 VRAM_PARAMS: list[Param] = [
     Param("variant", "string", None, "variant ID (either task)"),
@@ -92,4 +94,5 @@ class TrainConfig:
     n_best: int = 20
     max_answer_length: int = 30
     null_threshold: float = 0.0
+    max_tokens: int = 0  # packed variants only; 0 = batch_size * max_length
     extra: dict = field(default_factory=dict)

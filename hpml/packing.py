@@ -243,10 +243,11 @@ def predict_qa(model, rows, collator: PackedCollator, device: str, autocast_dtyp
             dev = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             out = model(**model_inputs(dev))
             pending.append((out.start_logits, out.end_logits, batch["cu_seq_lens_q"], len(idx)))
-            if j == 0:
+            if j == 0 and len(packs) > 1:
                 _sync(device)
                 t0 = time.perf_counter()
             else:
+                t0 = time.perf_counter() if t0 is None else t0  # a single pack: timed warm-up included
                 timed_feats += len(idx)
         _sync(device)
         elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
@@ -289,3 +290,35 @@ def packed_trainer_class(base):
             return (loss, out) if return_outputs else loss
 
     return PackedTrainer
+
+
+def build_packed_trainer(base, built, train, cfg, args, device: str, make_callback):
+    """The packed variants' Trainer: token-budget batches of `train` (hpml features with a length column)."""
+    lengths = train["length"]
+    budget = cfg.max_tokens or cfg.batch_size * cfg.max_length
+    sampler = TokenBudgetBatchSampler(lengths, budget, seed=cfg.seed)
+    collate = PackedCollator(built.tokenizer.pad_token_id, budget, cfg.max_length, max_segments(lengths, budget))
+    keep = [c for c in ("input_ids", "token_type_ids", "start_positions", "end_positions") if c in train.column_names]
+    trainer = packed_trainer_class(base)(
+        model=built.model, args=args, train_dataset=train.select_columns(keep), data_collator=collate,
+        callbacks=[make_callback(len(lengths) / len(sampler), device)])  # features per step, on average
+    trainer.hpml_sampler, trainer.hpml_workers = sampler, args.dataloader_num_workers
+    return trainer
+
+
+def evaluate_qa(trainer, features, cfg):
+    """Packed evaluation inside a training run: logits per feature in dataset order, and hpml's eval timing."""
+    from hpml import tracking
+
+    args = trainer.args
+    device = args.device.type
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    rows = features.select_columns(["input_ids", "token_type_ids"])[:]
+    train_col = trainer.data_collator
+    lengths = [len(r) for r in rows["input_ids"]]
+    col = PackedCollator(train_col.pad_token_id, train_col.max_tokens, train_col.max_length,
+                         max_segments(lengths, train_col.max_tokens))  # eval windows may be shorter
+    start, end, t = predict_qa(trainer.model, rows, col, device, dtype)
+    n, secs = t["eval_timed_features"], t["eval_forward_s"]
+    return start, end, {tracking.M_EVAL_RUNTIME: secs, tracking.M_EVAL_SPS: n / secs if secs else 0.0,
+                        tracking.M_EVAL_MS: 1000.0 * secs / n if n else 0.0}
