@@ -8,7 +8,7 @@ from hpml.config import COMMAND_PARAMS
 
 from conftest import REPO
 
-CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "vram_probe": "vram-probe", "report": "report"}
+CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "vram_probe": "vram-probe", "report": "report", "benchmark": "bench"}
 
 
 def mlproject():
