@@ -135,7 +135,7 @@ def make_batches(v: Variant, feats: list[dict], cfg: BenchConfig, budget: int, n
     """`n` collated batches (cycling epochs), in pinned memory on CUDA; each with its real feature/token count."""
     lengths = np.array([len(f["input_ids"]) for f in feats])
     out, epoch = [], 0
-    col = (packing.PackedCollator(0, budget, cfg.max_length, packing.max_segments(lengths, budget))
+    col = (packing.PackedCollator(0, budget, cfg.max_length, packing.max_segments(lengths, budget, cfg.max_length))
            if v.batching.padding == "packed" else None)
     while len(out) < n:
         idx_lists = (batch_indices(v, lengths, cfg, budget, cfg.seed + epoch) if train else
@@ -177,7 +177,7 @@ def build(v: Optional[Variant], config, init_state: dict, device: str, attn: str
     cls = modeling.model_class("squad")
     config = config.__class__.from_dict(config.to_dict())
     config._attn_implementation = attn
-    model = cls.from_config(config)
+    model = cls.from_config(config, attn_implementation=attn)
     model.load_state_dict(init_state)
     if v is not None:
         mode = v.trainable.mode
@@ -305,9 +305,11 @@ def _stop_profiler(handle, device, n, out_file) -> float:
     _sync(device)
     wall = time.perf_counter() - t0
     prof.stop()
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
-    # device-side self time of every event: kernels and copies (CPU events report 0 there)
-    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    # time inside kernels and copies on the device (the CPU-side op rows repeat it, so they are left out)
+    kernel_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
     if out_file:
         with open(out_file, "w") as f:
             f.write(f"wall {wall * 1e3:.1f} ms over {n} steps; device busy {kernel_us / 1e3:.1f} ms\n")
@@ -325,7 +327,9 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     torch._dynamo.reset()
     attn = packing.register_attention() if v.batching.padding == "packed" else v.attention.impl
     model = build(v, config, init_state, device, attn)
-    fwd = torch.compile(model, backend=v.compile.backend) if v.compile.enabled else model
+    fwd = (torch.compile(model, backend=v.compile.backend,
+                         mode=None if v.compile.mode == "default" else v.compile.mode)
+           if v.compile.enabled else model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=v.optimizer.lr, weight_decay=v.optimizer.weight_decay,
                             fused=device == "cuda")
@@ -367,7 +371,7 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     if cfg.profile_steps:
         rest = [next(it)[0] for _ in range(cfg.profile_steps)]
         row.gpu_busy_pct = _profile_busy(device, lambda n: [step(b) for b in rest[:n]], cfg.profile_steps,
-                                         os.path.join(cfg.out, f"profile_{label}.txt") if cfg.out else "")
+                                         os.path.join(cfg.out, f"profile_{label.replace('@', '_t')}.txt") if cfg.out else "")
     n_feats = sum(b[1] for b in timed)
     n_tok = sum(b[2] for b in timed)
     row.features_per_s = n_feats / secs

@@ -102,9 +102,10 @@ def pack_indices(lengths: Sequence[int], max_tokens: int, order: Optional[Sequen
     return packs
 
 
-def max_segments(lengths: Sequence[int], max_tokens: int) -> int:
-    """Fixed segment slots per pack: as many of the shortest feature as fit, plus the dummy pad segment."""
-    return max_tokens // max(1, int(min(lengths))) + 1
+def max_segments(lengths: Sequence[int], max_tokens: int, max_length: int) -> int:
+    """Fixed segment slots per pack: as many of the shortest feature as fit, plus the pad tail's dummy
+    segments (at most max_length tokens each)."""
+    return max_tokens // max(1, int(min(lengths))) + max_tokens // max_length + 1
 
 
 class TokenBudgetBatchSampler:
@@ -149,9 +150,8 @@ class PackedCollator:
         T, S = self.max_tokens, self.max_segments
         lens = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
         used = int(lens.sum())
-        if used > T or len(rows) >= S:
-            raise ValueError(f"{len(rows)} features of {used} tokens do not fit one pack "
-                             f"({T} tokens, {S - 1} feature slots)")
+        if used > T:
+            raise ValueError(f"{len(rows)} features of {used} tokens do not fit one pack of {T} tokens")
         ids = np.full(T, self.pad_token_id, dtype=np.int64)
         types = np.zeros(T, dtype=np.int64)
         pos = np.zeros(T, dtype=np.int64)
@@ -160,10 +160,17 @@ class PackedCollator:
             ids[a:a + n] = r["input_ids"]
             types[a:a + n] = r["token_type_ids"]
             pos[a:a + n] = np.arange(n)
-        pos[used:] = np.arange(T - used)  # the dummy segment's positions restart too (any valid index works)
-        # Segments: the features, then the dummy [used, T), then zero-length slots up to S.
+        # Segments: the features, then the pad tail [used, T) cut into dummy segments of at most max_length
+        # tokens (the kernel only covers max_length_q queries per segment, position IDs stay valid), then
+        # zero-length slots up to S.
+        tail = np.arange(used, T, self.max_length)[1:]
+        n_seg = len(rows) + len(tail) + (used < T)
+        if n_seg > S:
+            raise ValueError(f"{len(rows)} features of {used} tokens need {n_seg} segment slots, {S} reserved")
+        pos[used:] = np.arange(T - used) % self.max_length
         cu = np.full(S + 1, T, dtype=np.int32)
         cu[:len(rows) + 1] = starts
+        cu[len(rows) + 1:len(rows) + 1 + len(tail)] = tail
         seg = np.repeat(np.arange(S, dtype=np.int64), np.diff(cu))
         out = {"input_ids": ids[None], "token_type_ids": types[None], "position_ids": pos[None],
                "cu_seq_lens_q": cu, "segment_ids": seg, "feature_mask": np.arange(S) < len(rows),
@@ -297,7 +304,7 @@ def build_packed_trainer(base, built, train, cfg, args, device: str, make_callba
     lengths = train["length"]
     budget = cfg.max_tokens or cfg.batch_size * cfg.max_length
     sampler = TokenBudgetBatchSampler(lengths, budget, seed=cfg.seed)
-    collate = PackedCollator(built.tokenizer.pad_token_id, budget, cfg.max_length, max_segments(lengths, budget))
+    collate = PackedCollator(built.tokenizer.pad_token_id, budget, cfg.max_length, max_segments(lengths, budget, cfg.max_length))
     keep = [c for c in ("input_ids", "token_type_ids", "start_positions", "end_positions") if c in train.column_names]
     trainer = packed_trainer_class(base)(
         model=built.model, args=args, train_dataset=train.select_columns(keep), data_collator=collate,
@@ -317,7 +324,7 @@ def evaluate_qa(trainer, features, cfg):
     train_col = trainer.data_collator
     lengths = [len(r) for r in rows["input_ids"]]
     col = PackedCollator(train_col.pad_token_id, train_col.max_tokens, train_col.max_length,
-                         max_segments(lengths, train_col.max_tokens))  # eval windows may be shorter
+                         max_segments(lengths, train_col.max_tokens, train_col.max_length))  # eval windows may be shorter
     start, end, t = predict_qa(trainer.model, rows, col, device, dtype)
     n, secs = t["eval_timed_features"], t["eval_forward_s"]
     return start, end, {tracking.M_EVAL_RUNTIME: secs, tracking.M_EVAL_SPS: n / secs if secs else 0.0,

@@ -161,6 +161,7 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         fp16=precision == "fp16" and not variant.precision.quantization,  # 4-bit: compute dtype set at load
         torch_compile=variant.compile.enabled,
         torch_compile_backend=variant.compile.backend if variant.compile.enabled else None,
+        **({"torch_compile_mode": variant.compile.mode} if variant.compile.mode != "default" else {}),
         train_sampling_strategy="group_by_length" if variant.batching.group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,  # the collator drops bookkeeping columns itself

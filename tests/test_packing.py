@@ -50,7 +50,7 @@ def test_packed_forward_matches_padded_logits_loss_and_predictions(tiny_qa):
     rows = [{k: f[k] for k in ("input_ids", "token_type_ids")} for f in feats]
     lengths = [len(r["input_ids"]) for r in rows]
     col = packing.PackedCollator(tok.pad_token_id, max_tokens=512, max_length=128,
-                                 max_segments=packing.max_segments(lengths, 512))
+                                 max_segments=packing.max_segments(lengths, 512, 128))
     start, end, _ = packing.predict_qa(model, rows, col, "cpu")
     ps, pe, mask = padded_logits(model, tok, rows)
     for i, n in enumerate(lengths):
@@ -67,7 +67,7 @@ def test_packed_forward_matches_padded_logits_loss_and_predictions(tiny_qa):
     trows = [{k: f[k] for k in ("input_ids", "token_type_ids", "start_positions", "end_positions")}
              for f in train_feats.select(range(6))]
     tl = [len(r["input_ids"]) for r in trows]
-    tcol = packing.PackedCollator(tok.pad_token_id, sum(tl) + 40, 128, packing.max_segments(tl, sum(tl) + 40))
+    tcol = packing.PackedCollator(tok.pad_token_id, sum(tl) + 40, 128, packing.max_segments(tl, sum(tl) + 40, 128))
     batch = tcol(trows)
     with torch.no_grad():
         out = model(**packing.model_inputs(batch))
@@ -96,9 +96,9 @@ def test_token_budget_batches_hold_every_feature_once_per_epoch_with_its_own_lab
     tok, _, _, train_feats, _ = tiny_qa
     rows = [dict(f) for f in train_feats]
     lengths = [len(r["input_ids"]) for r in rows]
-    budget = 300
+    budget = 700  # leaves pad tails longer than max_length: they must be split
     sampler = packing.TokenBudgetBatchSampler(lengths, budget, seed=3)
-    col = packing.PackedCollator(tok.pad_token_id, budget, 128, packing.max_segments(lengths, budget))
+    col = packing.PackedCollator(tok.pad_token_id, budget, 128, packing.max_segments(lengths, budget, 128))
     expected = collections.Counter((tuple(r["input_ids"]), r["start_positions"], r["end_positions"]) for r in rows)
     orders = []
     for _ in range(2):  # two epochs: each complete, each its own shuffle
@@ -109,6 +109,7 @@ def test_token_budget_batches_hold_every_feature_once_per_epoch_with_its_own_lab
             b = col([rows[i] for i in idx])
             assert b["input_ids"].shape == (1, budget) and b["cu_seq_lens_q"].shape == (col.max_segments + 1,)
             cu = b["cu_seq_lens_q"].tolist()
+            assert max(np.diff(cu)) <= 128 and int(b["position_ids"].max()) < 128  # pad tail cut too
             for j in range(int(b["n_features"])):
                 ids = tuple(b["input_ids"][0, cu[j]:cu[j + 1]].tolist())
                 assert b["position_ids"][0, cu[j]:cu[j + 1]].tolist() == list(range(len(ids)))
@@ -118,4 +119,4 @@ def test_token_budget_batches_hold_every_feature_once_per_epoch_with_its_own_lab
         orders.append(order)
     assert orders[0] != orders[1]
     with pytest.raises(ValueError, match="does not fit"):
-        packing.pack_indices([10, 400], budget)
+        packing.pack_indices([10, budget + 1], budget)
