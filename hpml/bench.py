@@ -220,13 +220,13 @@ def _free(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _profile_busy(device: str, run_steps: Callable[[int], None], n: int, out_file: str) -> float:
+def _profile_busy(device: str, run_steps: Callable[[int], None], n: int, out_file: str, label: str) -> float:
     """Share of wall time the GPU spends in kernels over n steady steps; the top kernels go to out_file."""
     if device != "cuda" or n <= 0:
         return float("nan")
     handle = _start_profiler(device)
     run_steps(n)
-    return _stop_profiler(handle, device, n, out_file)
+    return _stop_profiler(handle, device, n, out_file, label)
 
 
 # ---- rows ---------------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def run_reference(cfg: BenchConfig, config, init_state, feats, eval_feats, devic
         def on_train_end(self, args, state, control, **kw):
             if "prof" in marks:
                 marks["busy"] = _stop_profiler(marks.pop("prof"), device, cfg.profile_steps,
-                                               os.path.join(cfg.out, "profile_reference.txt") if cfg.out else "")
+                                               os.path.join(cfg.out, "profiles.txt") if cfg.out else "", REFERENCE)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=total,
@@ -300,7 +300,7 @@ def _start_profiler(device):
     return (prof, time.perf_counter())
 
 
-def _stop_profiler(handle, device, n, out_file) -> float:
+def _stop_profiler(handle, device, n, out_file, label="") -> float:
     prof, t0 = handle
     _sync(device)
     wall = time.perf_counter() - t0
@@ -311,8 +311,8 @@ def _stop_profiler(handle, device, n, out_file) -> float:
     # time inside kernels and copies on the device (the CPU-side op rows repeat it, so they are left out)
     kernel_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
     if out_file:
-        with open(out_file, "w") as f:
-            f.write(f"wall {wall * 1e3:.1f} ms over {n} steps; device busy {kernel_us / 1e3:.1f} ms\n")
+        with open(out_file, "a") as f:  # one file for every row: the device tool returns few files
+            f.write(f"\n==== {label}: wall {wall * 1e3:.1f} ms over {n} steps; device busy {kernel_us / 1e3:.1f} ms\n")
             f.write(events.table(sort_by="self_device_time_total", row_limit=30))
             f.write("\n")
             f.write(events.table(sort_by="self_cpu_time_total", row_limit=20))
@@ -356,6 +356,14 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     model.train()
     it = iter(batches)
     start = time.perf_counter()
+    if v.compile.enabled and v.batching.padding == "longest":
+        # one step of each padded width first: a compiled model meets every shape during warm-up, not
+        # inside the timed steps (at most max_length / pad_to_multiple_of widths)
+        seen = {}
+        for b in batches:
+            seen.setdefault(tuple(b[0]["input_ids"].shape), b[0])
+        for b in seen.values():
+            step(b)
     for _ in range(cfg.warmup_steps):
         step(next(it)[0])
     _sync(device)
@@ -371,7 +379,7 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     if cfg.profile_steps:
         rest = [next(it)[0] for _ in range(cfg.profile_steps)]
         row.gpu_busy_pct = _profile_busy(device, lambda n: [step(b) for b in rest[:n]], cfg.profile_steps,
-                                         os.path.join(cfg.out, f"profile_{label.replace('@', '_t')}.txt") if cfg.out else "")
+                                         os.path.join(cfg.out, "profiles.txt") if cfg.out else "", label)
     n_feats = sum(b[1] for b in timed)
     n_tok = sum(b[2] for b in timed)
     row.features_per_s = n_feats / secs
