@@ -37,3 +37,25 @@ def test_bench_bad_token_budget_is_one_line_and_logs_nothing(tracking_uri):
     assert out.exit_code != 0
     assert out.output.strip().splitlines() == ["hpml: error: max_tokens 64 is below max_length 128: a full window must fit"]
     assert MlflowClient(tracking_uri).get_experiment_by_name("hpml-bench") is None
+
+
+def test_speed_table_shows_the_newest_bench_run_rows_in_order():
+    import pandas as pd
+
+    from hpml.report.tables import table_speed
+
+    def row(parent, label, start, ratio, status="FINISHED"):
+        return {"run_id": f"{parent}-{label}", "status": status, "start_time": start, "tags.task": "bench",
+                "tags.bench_row": label, "tags.variant": label.split("@")[0], "tags.purpose": "real",
+                "tags.mlflow.parentRunId": parent, "tags.device": "NVIDIA H100 80GB HBM3",
+                "metrics.bench_train_features_per_s": 400 * ratio, "metrics.bench_ratio_to_reference": ratio}
+
+    df = pd.DataFrame([row("old", "reference", 1, 1.0), row("old", "a2", 2, 1.3),
+                       row("new", "reference", 10, 1.0), row("new", "p2@6000", 11, 4.95),
+                       row("new", "p2@32768", 12, 6.54), row("new", "a3", 13, 2.0, status="FAILED"),
+                       {"run_id": "x", "status": "FINISHED", "start_time": 14, "tags.task": "squad"}])
+    table = table_speed(df)
+    assert list(table.frame["row"]) == ["reference", "p2@6000", "p2@32768"]
+    assert list(table.frame["× reference"]) == ["1.00", "4.95", "6.54"]
+    assert table.frame["features/s"].iloc[-1] == "2616"
+    assert table_speed(df, {"purpose": "test"}) is None and table_speed(df[df["tags.task"] == "squad"]) is None
