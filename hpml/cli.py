@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from hpml.config import BENCH_PARAMS, REPORT_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig
+from hpml.config import (BENCH_PARAMS, REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
+                         small_run_note)
 from hpml.errors import HpmlError
 
 TYPES = {"string": str, "int": int, "float": float}
@@ -35,7 +36,10 @@ def one_line_errors(f):
         try:
             return f(*args, **kwargs)
         except HpmlError as exc:
-            click.echo(f"hpml: error: {exc}", err=True)
+            from hpml import launch
+
+            if not launch.in_worker():  # a data-parallel worker's error is reported once, by its launcher
+                click.echo(f"hpml: error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
     return run
@@ -75,11 +79,34 @@ def variants_cmd(task):
 
 
 def _train(task: str, kw: dict):
+    from hpml import launch
     from hpml.training import run_training
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
-    summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
+    note = small_run_note(task, cfg.purpose, cfg.max_steps, cfg.max_train_samples)
+    if note and not launch.in_worker():
+        click.echo(f"hpml: note: {note}", err=True)
+    if not launch.in_worker():
+        from hpml.variants import get_variant
+
+        launch.check(get_variant(cfg.variant, task), cfg.nproc, cfg.batch_size, cfg.eval_batch_size)
+    if cfg.nproc > 1 and not launch.in_worker():
+        # The workers run this same command; they find themselves inside the job and train.
+        argv = [f"train-{task}"] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", "" if v is None else str(v))]
+        launch.launch(argv, cfg.nproc)
+        return
+    if launch.in_worker():
+        launch.quiet_other_ranks()
+        try:
+            summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
+        except BaseException as exc:
+            launch.record_error(str(exc) if isinstance(exc, HpmlError) else f"{type(exc).__name__}: {exc}")
+            raise
+        if not launch.context().is_main:
+            return
+    else:
+        summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
     m = summary["metrics"]
     headline = ("eval_exact", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1") if task == "squad" else ("eval_accuracy",)
     shown = ", ".join(f"{k}={m[k]:.4g}" for k in headline + ("train_runtime_s", "train_samples_per_s") if k in m)
@@ -178,6 +205,18 @@ def report(**kw):
     from hpml.report import run_report
 
     run_report(**kw)
+
+
+@main.command("series")
+@click.argument("name")
+@options(SERIES_PARAMS[1:])
+@one_line_errors
+def series(name, **kw):
+    """Run a study table (squad-a, squad-b, squad-c, sst2, all) or a comma list of variants × seeds as nested
+    MLflow runs under one parent, then its report. The same command again resumes: finished runs are kept."""
+    from hpml.series import run_series
+
+    run_series(name, **kw)
 
 
 @main.command("models")
