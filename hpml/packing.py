@@ -301,6 +301,11 @@ def packed_trainer_class(base):
 
 def build_packed_trainer(base, built, train, cfg, args, device: str, make_callback):
     """The packed variants' Trainer: token-budget batches of `train` (hpml features with a length column)."""
+    if args.world_size > 1:
+        from hpml.errors import UsageError
+
+        # the token-budget sampler is not sharded across processes: each would train on every pack
+        raise UsageError("packed variants (p*) train in one process: drop nproc, or raise max_tokens instead")
     lengths = train["length"]
     budget = cfg.max_tokens or cfg.batch_size * cfg.max_length
     sampler = TokenBudgetBatchSampler(lengths, budget, seed=cfg.seed)
