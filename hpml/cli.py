@@ -30,12 +30,19 @@ def options(params: list[Param]):
 def one_line_errors(f):
     """User errors end as one line on stderr and a non-zero exit, never a traceback."""
 
+    from hpml import signals
+
     @functools.wraps(f)
     def run(*args, **kwargs):
         try:
-            return f(*args, **kwargs)
+            with signals.handled():
+                return f(*args, **kwargs)
         except HpmlError as exc:
             click.echo(f"hpml: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except signals.Interrupted as exc:
+            click.echo(f"hpml: {exc}: the run (if one started) ended KILLED and nothing was registered; "
+                       "hpml resume latest continues it from its last checkpoint", err=True)
             sys.exit(exc.exit_code)
 
     return run
@@ -57,10 +64,36 @@ def parse_lr(value: str):
         raise HpmlError(f"lr must be a number or empty (the variant's own), got {value!r}") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """Click's own usage errors (a bad integer, an unknown option) as one line too: click prints the usage,
+    a hint and the error on three or more lines."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `hpml`: the help text is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = getattr(getattr(exc, "ctx", None), "command_path", None) or "hpml"
+            click.echo(f"hpml: error: {exc.format_message()} ({where} -h lists the options)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("hpml: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """hpml: efficient fine-tuning of BERT on SQuAD v2 and SST-2, measured and compared in MLflow."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: end with it
+        from hpml.signals import die_with_parent
+
+        die_with_parent()
 
 
 @main.command("variants")
@@ -75,7 +108,11 @@ def variants_cmd(task):
 
 
 def _train(task: str, kw: dict):
+    from hpml.errors import UsageError
     from hpml.training import run_training
+
+    if not kw["variant"]:  # click lets a required option with a None default through as None
+        raise UsageError(f"--variant is required: pick one of hpml variants --task {task}")
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
@@ -149,7 +186,13 @@ def score(data_path, preds_path, na_probs_path):
 def make_data(task, out, n_train, n_dev, seed):
     """Generate official-format data: SQuAD v2 JSON or GLUE SST-2 TSV (for tests, demos, benchmarks)."""
     from hpml.data import synthetic
+    from hpml.errors import UsageError
+    from hpml.validate import check_writable_dir
 
+    for name, n in (("--train", n_train), ("--dev", n_dev)):
+        if n is not None and n <= 0:
+            raise UsageError(f"{name} must be > 0 rows/questions, got {n}")
+    check_writable_dir(out, "--out")
     if task == "squad":
         paths = synthetic.write_squad(out, n_train or 2000, n_dev or 500, seed)
     else:
@@ -215,6 +258,10 @@ def predict(model_uri, text, question, passage, in_file, out, base_model):
         raise UsageError("--question and --context go together (a SQuAD model answers a question from a passage)")
     if not given or (text is not None and question is not None):
         raise UsageError("pass --text (SST-2), --question with --context (SQuAD), or --file with JSON lines")
+    if out:
+        from hpml.validate import check_writable_file
+
+        check_writable_file(out, "--out")  # before loading the model, not after predicting
     if in_file is not None:
         frame = serving.read_jsonl(in_file)
     else:

@@ -33,6 +33,12 @@ def _common(task: str, *, model_default: str, max_train: int, batch: int, eval_b
               "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
         Param("register", "string", "true", "register the model in the MLflow Model Registry (true|false)"),
         Param("purpose", "string", "real", "tag separating demo | test | real runs in the report and aliases"),
+        # checkpoints and resume (hpml/checkpoints.py)
+        Param("output_dir", "string", "", "checkpoint folder; empty = ./hpml-checkpoints/<run ID>"),
+        Param("save_steps", "int", 0, "save a checkpoint every N optimizer steps (0 = at the end of each epoch)"),
+        Param("save_total_limit", "int", 2, "checkpoints kept while training (0 = all); older ones are deleted"),
+        Param("resume", "string", "", "run ID (or 'latest') to continue from its last checkpoint; the other "
+              "parameters are then the run's own"),
     ]
 
 
@@ -87,6 +93,10 @@ class TrainConfig:
     experiment: str = ""
     register: bool = True
     purpose: str = "real"
+    output_dir: str = ""  # empty = ./hpml-checkpoints/<run ID>
+    save_steps: int = 0  # 0 = once per epoch
+    save_total_limit: int = 2
+    resume: str = ""  # never logged: a resumed run keeps its own params
     # SQuAD only
     doc_stride: int = 128
     n_best: int = 20

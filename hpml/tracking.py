@@ -22,6 +22,10 @@ TAG_DEVICE = "device"  # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
 TAG_CONFIG_HASH = "config_hash"
 TAG_PRECISION = "precision"  # resolved: fp32 | fp16 | bf16
 TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
+TAG_HOST = "hpml.host"  # where the run's process lives: with TAG_PID, finds runs left RUNNING by kill -9
+TAG_PID = "hpml.pid"
+TAG_CHECKPOINT_DIR = "hpml.checkpoint_dir"  # this run's checkpoints (hpml resume reads it)
+TAG_RESUMED_AT = "hpml.resumed_at_step"  # set when a run was continued from a checkpoint
 
 PURPOSES = ("demo", "test", "real")
 TASKS = ("squad", "sst2", "vram", "report")
@@ -86,6 +90,10 @@ def connect(explicit: str = "") -> str:
     import mlflow
 
     uri = tracking_uri(explicit)
+    if uri.startswith("sqlite:"):
+        from hpml.store import init_sqlite
+
+        init_sqlite(uri)
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
@@ -130,17 +138,23 @@ def device_name() -> str:
 # ---- runs ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs: dict[str, object],
-        resolved: dict[str, object]) -> Iterator[str]:
-    """One MLflow run: joins the run `mlflow run` created (MLFLOW_RUN_ID), else creates one in `experiment`.
+        resolved: dict[str, object], resume_run_id: str = "") -> Iterator[str]:
+    """One MLflow run: continues `resume_run_id` if given, else joins the run `mlflow run` created
+    (MLFLOW_RUN_ID), else creates one in `experiment`.
 
     Params: the inputs as given under their plain names (mlflow run logs those itself, as typed) and the
     resolved configuration under `resolved.*` / `variant.*`, so every run has the same keys either way.
-    Ends FINISHED only when the body returns; any exception ends it FAILED and propagates.
+    Ends FINISHED only when the body returns; SIGINT/SIGTERM (KeyboardInterrupt) end it KILLED, any other
+    exception FAILED, and the exception propagates.
     """
+    import socket
+
     import mlflow
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
+    if resume_run_id:
+        active = mlflow.start_run(run_id=resume_run_id)  # sets the run RUNNING again
+    elif run_id:
         active = mlflow.start_run(run_id=run_id)
         exp = mlflow.get_experiment(active.info.experiment_id)
         if experiment and experiment not in (exp.name, DEFAULT_EXPERIMENT.get(task)):
@@ -152,11 +166,15 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
         active = mlflow.start_run(run_name=run_name)
     try:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
-                         TAG_DEVICE: device_name(), **library_versions(), **tags})
+                         TAG_DEVICE: device_name(), **library_versions(), **tags,
+                         TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())})
         already = mlflow.get_run(active.info.run_id).data.params
         log_params({k: v for k, v in inputs.items() if k not in already})
         log_params(resolved)
         yield active.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
     except BaseException:
         mlflow.end_run("FAILED")
         raise
@@ -214,17 +232,20 @@ def register_model(export_dir: str, task: str, variant_id: str, metrics: dict[st
         info = mlflow.pyfunc.log_model(name="model", python_model=serving.PYFUNC_FILE,
                                        artifacts={"export": export_dir}, signature=serving.signature(task),
                                        pip_requirements=serving.pip_requirements())
+    from hpml import signals
+
     client = MlflowClient()
+    headline = HEADLINE[task]
+    # Every tag goes in with the version and the alias is decided before it exists, so the store never
+    # holds a READY version without its metric tags (a kill between calls used to leave one).
+    version_tags = {TAG_VARIANT: variant_id, **tags, "run_id": mlflow.active_run().info.run_id,
+                    **{k: repr(float(v)) for k, v in metrics.items() if k in (headline, M_EXACT, M_ACCURACY, M_F1)}}
+    became = should_become_champion(client, name, 0, task, metrics[headline], tags)
     version = None
     try:
-        mv = mlflow.register_model(info.model_uri, name, tags={TAG_VARIANT: variant_id, **tags})
-        version = int(mv.version)
-        headline = HEADLINE[task]
-        for key, value in metrics.items():
-            if key in (headline, M_EXACT, M_ACCURACY, M_F1):
-                client.set_model_version_tag(name, str(version), key, repr(float(value)))
-        client.set_model_version_tag(name, str(version), "run_id", mlflow.active_run().info.run_id)
-        became = should_become_champion(client, name, version, task, metrics[headline], tags)
+        with signals.deferred():  # a signal waits for the version's number, then the except below deletes it
+            mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+            version = int(mv.version)
         if became:
             client.set_registered_model_alias(name, CHAMPION, str(version))
         return name, version, became

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hpml import modeling, serving, tracking
+from hpml import modeling, serving, tracking, validate
 from hpml.config import TrainConfig
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
@@ -236,7 +236,7 @@ def build_trainer(task, variant: Variant, cfg: TrainConfig, built: modeling.Buil
 # ---- the run ---------------------------------------------------------------------------------------------
 def resolve_params(cfg: TrainConfig, variant: Variant, precision: str) -> dict[str, object]:
     """The configuration the run really used: defaults filled in, variant settings flattened."""
-    params = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "resume")}
     if cfg.task == "sst2":
         for k in ("doc_stride", "n_best", "max_answer_length", "null_threshold"):
             params.pop(k)
@@ -256,6 +256,7 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
     cfg.variant = variant.id
     if cfg.purpose not in tracking.PURPOSES:
         raise UsageError(f"purpose must be one of {', '.join(tracking.PURPOSES)}, got {cfg.purpose!r}")
+    validate.check_train(cfg, variant)  # every number, path and file encoding: one line, before any run
     device = modeling.check_device(variant)
     precision = modeling.resolve_precision(variant, device)
     tracking.connect()

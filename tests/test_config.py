@@ -25,7 +25,8 @@ def test_mlproject_matches_declared_parameters():
         # every parameter reaches the command, under the CLI's option name
         used = re.findall(r"--([a-z-]+) \{([a-z_]+)\}", eps[ep]["command"])
         assert sorted(used) == sorted((n.replace("_", "-"), n) for n in declared), ep
-        assert eps[ep]["command"].startswith(f"python entry_points/{ep}.py ")
+        # exec: mlflow run's shell becomes the entry point, so signals and parent death reach hpml itself
+        assert eps[ep]["command"].startswith(f"exec python entry_points/{ep}.py ")
 
 
 def test_cli_options_match_declared_parameters():
