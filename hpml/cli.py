@@ -116,7 +116,12 @@ def _train(task: str, kw: dict):
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
-    summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
+    # `resume` is not a param of the run: the resumed run keeps the params it was started with
+    summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items() if k != "resume"})
+    _print_summary(task, summary)
+
+
+def _print_summary(task: str, summary: dict):
     m = summary["metrics"]
     headline = ("eval_exact", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1") if task == "squad" else ("eval_accuracy",)
     shown = ", ".join(f"{k}={m[k]:.4g}" for k in headline + ("train_runtime_s", "train_samples_per_s") if k in m)
@@ -140,6 +145,44 @@ def train_sst2(**kw):
 def train_squad(**kw):
     """Fine-tune on SQuAD v2 with one variant; score like the official evaluator; log and register."""
     _train("squad", kw)
+
+
+@main.command("resume")
+@click.argument("run", default="latest")
+@one_line_errors
+def resume(run):
+    """Continue an interrupted training run (RUN ID, or 'latest') from its last checkpoint: same MLflow run,
+    same parameters; it ends FINISHED and registers one version."""
+    from hpml import checkpoints, tracking
+    from hpml.training import run_training
+
+    tracking.connect()
+    cfg = checkpoints.to_resume(run)
+    click.echo(f"resuming {cfg.task} run {cfg.resume} ({cfg.variant}) from "
+               f"{checkpoints.last_checkpoint(checkpoints.run_dir(cfg, cfg.resume))}", err=True)
+    _print_summary(cfg.task, run_training(cfg))
+
+
+@main.command("runs")
+@click.option("--stale", is_flag=True, required=True,
+              help="list RUNNING runs whose process is gone (kill -9, a crash, a reboot)")
+@click.option("--mark", is_flag=True, help="end each stale run KILLED (hpml resume can then continue it)")
+@one_line_errors
+def runs_cmd(stale, mark):
+    """Runs left behind: RUNNING in the store, but their process (host + PID tags) no longer exists."""
+    from hpml import tracking
+
+    uri = tracking.connect()
+    rows = tracking.stale_runs()
+    if not rows:
+        click.echo(f"no stale runs at {uri}")
+        return
+    for r in rows:
+        t = r["tags"]
+        if mark:
+            tracking.mark_killed(r["run_id"])
+        click.echo(f"{r['run_id']}  {t.get(tracking.TAG_TASK, '-'):6} {r['name'] or '-':8} pid {t.get(tracking.TAG_PID)} "
+                   f"on {t.get(tracking.TAG_HOST)}  {'marked KILLED' if mark else 'stale (RUNNING, process gone)'}")
 
 
 @main.command("demo")

@@ -83,6 +83,22 @@ def raise_if_requested() -> None:
         raise Interrupted(STATE.requested)
 
 
+def stop_callback():
+    """A Trainer callback: after a first signal, save a checkpoint at this step and stop training (no
+    evaluation first: the run ends KILLED whatever it would show)."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if requested():
+                control.should_save = True
+                control.should_training_stop = True
+                control.should_evaluate = False
+            return control
+
+    return StopOnSignal()
+
+
 def die_with_parent() -> None:
     """Under `mlflow run` (Linux): get SIGTERM when the parent `mlflow run` process dies, whatever killed
     it. MLflow does not forward SIGTERM to the entry point, which then trained on and registered a model."""

@@ -269,6 +269,71 @@ def should_become_champion(client, name: str, version: int, task: str, value: fl
     return champ_value is None or value > float(champ_value)
 
 
+# ---- runs left behind: stale RUNNING runs and interrupted runs to resume -----------------------------------
+def _info(run) -> dict:
+    return {"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
+            "tags": dict(run.data.tags), "params": dict(run.data.params), "name": run.info.run_name}
+
+
+def run_info(run_id: str) -> dict:
+    """status, tags, params of one run; an unknown ID is one line."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _info(MlflowClient().get_run(run_id))
+    except MlflowException:
+        raise UsageError(f"run {run_id!r} not found at {tracking_uri()}: pass a run ID of this store or 'latest'") from None
+
+
+def is_alive(tags: dict[str, str]) -> bool:
+    """True when the run's process still exists, or when it ran on another host (which cannot be checked)."""
+    import socket
+
+    host, pid = tags.get(TAG_HOST), tags.get(TAG_PID)
+    if not pid or host != socket.gethostname():
+        return host is not None and host != socket.gethostname()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def _hpml_runs(status_filter: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return []
+    return list(client.search_runs(exps, filter_string=status_filter, order_by=["attributes.start_time DESC"],
+                                   max_results=1000))
+
+
+def stale_runs() -> list[dict]:
+    """RUNNING hpml runs whose process is gone (kill -9, a crash, a reboot): newest first."""
+    return [_info(r) for r in _hpml_runs("attributes.status = 'RUNNING'")
+            if TAG_PID in r.data.tags and not is_alive(r.data.tags)]
+
+
+def interrupted_runs(task: Optional[str] = None) -> list[dict]:
+    """KILLED or FAILED runs of `task`, and stale RUNNING ones, newest first: what `resume latest` picks from."""
+    ended = _hpml_runs("attributes.status = 'KILLED'") + _hpml_runs("attributes.status = 'FAILED'")
+    rows = [_info(r) for r in ended
+            if r.data.tags.get(TAG_TASK) in ((task,) if task else ("squad", "sst2"))]
+    rows += [r for r in stale_runs() if r["tags"].get(TAG_TASK) in ((task,) if task else ("squad", "sst2"))]
+    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+
+
+def mark_killed(run_id: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, "KILLED")
+
+
 # ---- report queries -----------------------------------------------------------------------------------
 REPORT_RUN_NAME = "report"
 
