@@ -153,6 +153,9 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
+        if run_id and run_id != resume_run_id:  # `mlflow run -P resume=…` made a run of its own: point it there
+            mlflow.MlflowClient().set_tag(run_id, "mlflow.note.content",
+                                          f"hpml resumed run {resume_run_id}: its metrics and model are there")
         active = mlflow.start_run(run_id=resume_run_id)  # sets the run RUNNING again
     elif run_id:
         active = mlflow.start_run(run_id=run_id)

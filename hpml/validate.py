@@ -151,6 +151,37 @@ def check_writable_file(path: str, what: str) -> None:
         raise HpmlError(f"{what} {path} is not writable (permission denied): pass a path you can write")
 
 
+HUB = "https://huggingface.co"
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(HUB, method="HEAD"), timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def check_hub_model(ref: str) -> None:
+    """A hub model ID: use the local cache when the hub is unreachable, else fail in one line within 5 s
+    (the hub client otherwise retries for about 90 s and then blames a missing package)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, "config.json")
+    if isinstance(cached, str):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # cached: load it from there without asking the hub
+        return
+    raise HpmlError(f"the Hugging Face hub ({HUB}) is unreachable and model {ref!r} is not in the local cache: "
+                    "pass a local checkpoint folder, 'minilm' or random:<size>, or download it where there is network")
+
+
 def check_train(cfg, variant) -> None:
     """Everything about a training run that can be checked without loading data or weights."""
     from hpml import modeling
@@ -158,7 +189,10 @@ def check_train(cfg, variant) -> None:
     check_numbers(cfg)
     files = {"sst2": ["train.tsv", "dev.tsv"], "squad": ["train-v2.0.json", "dev-v2.0.json"]}[cfg.task]
     check_data_dir(cfg.data_dir, files)
-    check_model_length(cfg, modeling.resolve_model_ref(cfg.model))
+    ref = modeling.resolve_model_ref(cfg.model)
+    if not ref.startswith("random:") and not os.path.isdir(ref):
+        check_hub_model(ref)
+    check_model_length(cfg, ref)
     out = getattr(cfg, "output_dir", "")
     if out:
         check_writable_dir(out, "output_dir")
