@@ -18,6 +18,8 @@ from hpml.config import TrainConfig
 from hpml.errors import HpmlError, UsageError
 
 DEFAULT_ROOT = "hpml-checkpoints"
+# Where and how often a run saves does not change what it computes: kept out of the config hash.
+NOT_CONFIG = ("resolved.output_dir", "resolved.save_steps", "resolved.save_total_limit")
 LOSS_FILE = "hpml_loss.json"
 
 
@@ -151,6 +153,9 @@ def to_resume(ref: str, task: Optional[str] = None) -> TrainConfig:
     if info["status"] == "RUNNING" and tracking.is_alive(tags):
         raise UsageError(f"run {run_id} is still running (pid {tags.get(tracking.TAG_PID)} on "
                          f"{tags.get(tracking.TAG_HOST)}): stop it first")
+    if int(float(info["params"].get("resolved.nproc", "1") or 1)) > 1:
+        raise UsageError(f"run {run_id} was data-parallel: resume continues single-process runs only (data-parallel "
+                         "runs keep no resumable checkpoints yet); start a new run")
     folder = tags.get(tracking.TAG_CHECKPOINT_DIR, "")
     if not last_checkpoint(folder):
         raise UsageError(f"run {run_id} has no checkpoint (looked in {folder or 'nothing recorded'}): it stopped "

@@ -38,7 +38,10 @@ def one_line_errors(f):
             with signals.handled():
                 return f(*args, **kwargs)
         except HpmlError as exc:
-            click.echo(f"hpml: error: {exc}", err=True)
+            from hpml import launch
+
+            if not launch.in_worker():  # a data-parallel worker's error is reported once, by its launcher
+                click.echo(f"hpml: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except signals.Interrupted as exc:
             click.echo(f"hpml: {exc}: the run (if one started) ended KILLED and nothing was registered; "
@@ -108,6 +111,7 @@ def variants_cmd(task):
 
 
 def _train(task: str, kw: dict):
+    from hpml import launch
     from hpml.errors import UsageError
     from hpml.training import run_training
 
@@ -117,7 +121,29 @@ def _train(task: str, kw: dict):
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
     # `resume` is not a param of the run: the resumed run keeps the params it was started with
-    summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items() if k != "resume"})
+    inputs = {k: "" if v is None else v for k, v in kw.items() if k != "resume"}
+    if cfg.resume and cfg.nproc > 1:
+        raise UsageError("resume continues single-process runs only: drop nproc (the run's own settings are used)")
+    if not launch.in_worker():
+        from hpml.variants import get_variant
+
+        launch.check(get_variant(cfg.variant, task), cfg.nproc, cfg.batch_size, cfg.eval_batch_size)
+    if cfg.nproc > 1 and not launch.in_worker():
+        # The workers run this same command; they find themselves inside the job and train.
+        argv = [f"train-{task}"] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", "" if v is None else str(v))]
+        launch.launch(argv, cfg.nproc)
+        return
+    if launch.in_worker():
+        launch.quiet_other_ranks()
+        try:
+            summary = run_training(cfg, inputs=inputs)
+        except BaseException as exc:
+            launch.record_error(str(exc) if isinstance(exc, HpmlError) else f"{type(exc).__name__}: {exc}")
+            raise
+        if not launch.context().is_main:
+            return
+    else:
+        summary = run_training(cfg, inputs=inputs)
     _print_summary(task, summary)
 
 

@@ -33,6 +33,8 @@ def _common(task: str, *, model_default: str, max_train: int, batch: int, eval_b
               "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
         Param("register", "string", "true", "register the model in the MLflow Model Registry (true|false)"),
         Param("purpose", "string", "real", "tag separating demo | test | real runs in the report and aliases"),
+        Param("nproc", "int", 1, "data-parallel worker processes (one per GPU) started by torchrun; batch_size "
+              "and eval_batch_size are then global batches split evenly over them"),
         # checkpoints and resume (hpml/checkpoints.py)
         Param("output_dir", "string", "", "checkpoint folder; empty = ./hpml-checkpoints/<run ID>"),
         Param("save_steps", "int", 0, "save a checkpoint every N optimizer steps (0 = at the end of each epoch)"),
@@ -93,6 +95,7 @@ class TrainConfig:
     experiment: str = ""
     register: bool = True
     purpose: str = "real"
+    nproc: int = 1  # data-parallel workers (hpml.launch); batch sizes are global
     output_dir: str = ""  # empty = ./hpml-checkpoints/<run ID>
     save_steps: int = 0  # 0 = once per epoch
     save_total_limit: int = 2

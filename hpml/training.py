@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hpml import checkpoints, modeling, serving, signals, tracking, validate
+from hpml import checkpoints, launch, modeling, serving, signals, tracking, validate
 from hpml.config import TrainConfig
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
@@ -138,12 +138,13 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
     from transformers import TrainingArguments
 
     opt = variant.optimizer
+    world = launch.context().world  # batch sizes are global: each of `world` processes takes its share
     return TrainingArguments(
         output_dir=out_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
+        per_device_train_batch_size=cfg.batch_size // world,
+        per_device_eval_batch_size=max(1, cfg.eval_batch_size // world),
         learning_rate=cfg.lr if cfg.lr is not None else opt.lr,
         weight_decay=opt.weight_decay,
         warmup_steps=opt.warmup_ratio,  # a float < 1 is a ratio of total steps (transformers 5)
@@ -157,13 +158,18 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         length_column_name="length",
         remove_unused_columns=False,  # the collator drops bookkeeping columns itself
         eval_strategy="epoch" if per_epoch_eval else "no",
-        **checkpoints.save_arguments(cfg),  # resumable checkpoints under output_dir/<run ID>
+        # resumable checkpoints under output_dir/<run ID> (single-process runs: see _train_in_run)
+        **(checkpoints.save_arguments(cfg) if not launch.context().distributed else {"save_strategy": "no"}),
         logging_strategy="steps",
         logging_steps=max(1, min(50, cfg.max_steps or 50)),
         report_to="none",  # hpml's own callback logs to MLflow through tracking.py
         seed=cfg.seed,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if world > 1 else None,
+        # Frozen weights (BitFit, freezing, LoRA) have requires_grad=False and are not DDP's concern; the
+        # default (True) would walk the autograd graph every step looking for unused ones.
+        ddp_find_unused_parameters=False,
         # passed only when used: transformers 5.23 renamed it (activation_checkpointing), 5.17 lacks the new name
         **({"gradient_checkpointing": True} if variant.memory.gradient_checkpointing else {}),
     )
@@ -194,12 +200,16 @@ def make_callback(samples_per_step: int, device: str):
                     self.steady = steps * samples_per_step / (now - self.warm_time)
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero:
+                return  # Trainer's logged loss is already averaged over ranks; rank 0 alone talks to MLflow
             keep = {f"train_{k}_running" if k == "loss" else k: v for k, v in (logs or {}).items()
                     if k in ("loss", "learning_rate", "grad_norm")}
             if keep:
                 tracking.log_metrics(keep, step=state.global_step)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if not state.is_world_process_zero:
+                return
             acc = (metrics or {}).get("eval_accuracy")
             if acc is not None:
                 tracking.log_metrics({tracking.M_ACCURACY: acc}, step=int(round(state.epoch or 0)))
@@ -270,27 +280,38 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         # Inputs are validated before the run exists, so a bad file or model leaves no run behind.
         model_ref = modeling.resolve_model_ref(cfg.model)
         tokenizer = modeling.load_tokenizer(model_ref)
-        prep = task.prepare(cfg, tokenizer, cache_dir())
+        dist = launch.context()
+        with launch.main_first():  # rank 0 tokenizes and caches; the other ranks then load its cache
+            prep = task.prepare(cfg, tokenizer, cache_dir())
         tags = {tracking.TAG_VARIANT: variant.id, tracking.TAG_PURPOSE: cfg.purpose,
                 tracking.TAG_FINGERPRINT: prep.fingerprint, tracking.TAG_PRECISION: precision}
         params = resolve_params(cfg, variant, precision)
         tags[tracking.TAG_CONFIG_HASH] = fingerprint({k: str(v) for k, v in params.items()
-                                                     if k not in ("experiment", "register")})
+                                                     if k not in ("experiment", "register")
+                                                     and k not in checkpoints.NOT_CONFIG})
+        if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
+            return _train_in_run(task, variant, cfg, prep, precision, device, work, "", tags)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
                           resume_run_id=cfg.resume) as run_id:
+            launch.record_run_id(run_id)
             return _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tags)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tags) -> dict[str, object]:
+    main = launch.context().is_main
     memory.reset_peak(device)
     built = modeling.build_model(variant, cfg.model, cfg.task, work, cfg.seed)
-    tracking.log_metrics(built.counts.as_metrics())
-    ckpt_dir = checkpoints.run_dir(cfg, run_id)
-    tracking.set_tags({tracking.TAG_CHECKPOINT_DIR: ckpt_dir})
+    if main:
+        tracking.log_metrics(built.counts.as_metrics())
+    # Resumable checkpoints need a folder every rank knows before the run exists: single-process runs only.
+    resumable = not launch.context().distributed
+    ckpt_dir = checkpoints.run_dir(cfg, run_id) if resumable else os.path.join(work, "trainer")
+    if resumable:
+        tracking.set_tags({tracking.TAG_CHECKPOINT_DIR: ckpt_dir})
     trainer = build_trainer(task, variant, cfg, built, prep, precision, ckpt_dir, device)
-    resume_from = checkpoints.last_checkpoint(ckpt_dir) if cfg.resume else None
+    resume_from = checkpoints.last_checkpoint(ckpt_dir) if (cfg.resume and resumable) else None
     if resume_from:
         tracking.set_tags({tracking.TAG_RESUMED_AT: os.path.basename(resume_from).split("-")[-1]})
     trainer.start_from(resume_from)
@@ -303,10 +324,12 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
                tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
                tracking.M_TRAIN_SPS: result.metrics["train_samples_per_second"],
-               **memory.peak_train(device)}
+               **launch.max_over_ranks(memory.peak_train(device))}  # per-GPU peak: the max over ranks
     artifacts = os.path.join(work, "artifacts")
     os.makedirs(artifacts)
-    metrics.update(task.evaluate(trainer, prep, cfg, artifacts))
+    metrics.update(task.evaluate(trainer, prep, cfg, artifacts))  # every rank: predict gathers across ranks
+    if not main:
+        return {"run_id": "", "variant": variant.id, "metrics": metrics}
     export_dir = serving.write_export(
         os.path.join(work, "export"), built.model, built.tokenizer, task=cfg.task, variant=variant,
         base_ref=built.base_path, base_is_local_copy=built.base_is_materialized,
@@ -323,5 +346,6 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
     if cfg.register:
         name, version, champion = tracking.register_model(export_dir, cfg.task, variant.id, metrics, tags)
         summary.update(registered=name, version=version, champion=champion)
-    checkpoints.remove(ckpt_dir)  # finished: the registry (or the run's artifacts) holds what is needed
+    if resumable:
+        checkpoints.remove(ckpt_dir)  # finished: the registry (or the run's artifacts) holds what is needed
     return summary
