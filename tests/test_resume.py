@@ -42,12 +42,16 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(sst2_dir, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("hpml-sst2").experiment_id],
                                filter_string="attributes.status = 'RUNNING'")
     run_id = run.info.run_id
     stale = CliRunner().invoke(cli.main, ["runs", "--stale"])
     assert stale.exit_code == 0 and run_id in stale.output
+    assert client.get_run(run_id).info.status == "RUNNING"  # listing changes nothing
+    marked = CliRunner().invoke(cli.main, ["runs", "--stale", "--mark"])
+    assert marked.exit_code == 0 and "marked KILLED" in marked.output
+    assert client.get_run(run_id).info.status == "KILLED"
 
     result = CliRunner().invoke(cli.main, ["resume", "latest"])
     assert result.exit_code == 0, result.output

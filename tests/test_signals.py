@@ -46,7 +46,7 @@ def test_signal_mid_training_ends_killed_with_a_checkpoint(sig, sst2_dir, tracki
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 128 + sig
     assert last_line(errfile.read_text()).startswith(f"hpml: stopped by {sig.name}")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)  # not the URI an earlier in-process test left in mlflow's globals
     [run] = all_runs(client)
     assert run.info.status == "KILLED"
     assert client.search_model_versions() == []
