@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from hpml.config import REPORT_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig
+from hpml.config import (REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
+                         small_run_note)
 from hpml.errors import HpmlError
 
 TYPES = {"string": str, "int": int, "float": float}
@@ -124,6 +125,9 @@ def _train(task: str, kw: dict):
     inputs = {k: "" if v is None else v for k, v in kw.items() if k != "resume"}
     if cfg.resume and cfg.nproc > 1:
         raise UsageError("resume continues single-process runs only: drop nproc (the run's own settings are used)")
+    note = small_run_note(task, cfg.purpose, cfg.max_steps, cfg.max_train_samples)
+    if note and not launch.in_worker():
+        click.echo(f"hpml: note: {note}", err=True)
     if not launch.in_worker():
         from hpml.variants import get_variant
 
@@ -278,6 +282,18 @@ def report(**kw):
     from hpml.report import run_report
 
     run_report(**kw)
+
+
+@main.command("series")
+@click.argument("name")
+@options(SERIES_PARAMS[1:])
+@one_line_errors
+def series(name, **kw):
+    """Run a study table (squad-a, squad-b, squad-c, sst2, all) or a comma list of variants × seeds as nested
+    MLflow runs under one parent, then its report. The same command again resumes: finished runs are kept."""
+    from hpml.series import run_series
+
+    run_series(name, **kw)
 
 
 @main.command("models")

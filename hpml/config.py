@@ -71,8 +71,36 @@ REPORT_PARAMS: list[Param] = [
     Param("purpose", "string", "", "only runs with this purpose tag (demo | test | real); empty = all"),
 ]
 
+REPORT_PARAMS.append(Param("series_run", "string", "",
+                           "only the children of this series parent run ID (hpml series sets it); empty = all"))
+# `hpml series`: training parameters pass through to every child. Those whose default differs between the
+# two tasks are strings, empty = each task's own default (so `all` runs SQuAD and SST-2 each as the study did).
+SERIES_PARAMS: list[Param] = [
+    Param("name", "string", None, "study table (squad-a, squad-b, squad-c, sst2, all) or comma list of variant IDs"),
+    Param("seeds", "int", 1, "repeat every variant with this many seeds (seed, seed+1, …)"),
+    Param("seed", "int", 42, "the first seed"),
+    Param("model", "string", "bert-base-uncased",
+          "hub ID, local checkpoint folder, 'minilm' (the installed all-MiniLM-L6-v2) or random:<size>"),
+    Param("data_dir", "string", "", "folder with the task's official-format files, or with squad/ and sst2/ "
+          "subfolders for a series of both tasks; empty = the hub datasets"),
+    Param("max_train_samples", "string", "", "first N training examples (0 = all); empty = each task's default"),
+    Param("max_eval_samples", "int", 0, "use the first N evaluation examples (0 = all)"),
+    Param("epochs", "float", 2.0, "training epochs (ignored when max_steps > 0)"),
+    Param("max_steps", "int", 0, "stop after N optimizer steps (0 = train by epochs)"),
+    Param("batch_size", "int", 16, "training batch size"),
+    Param("eval_batch_size", "string", "", "evaluation batch size; empty = each task's default"),
+    Param("max_length", "string", "", "maximum tokens per sequence; empty = each task's default"),
+    Param("lr", "string", "", "learning rate; empty = each variant's own"),
+    Param("doc_stride", "int", 128, "SQuAD: overlap in tokens between consecutive windows"),
+    Param("experiment", "string", "hpml-series",
+          "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
+    Param("register", "string", "false", "register every child's model (true|false); off: a series measures"),
+    Param("purpose", "string", "real", "demo | test | real, on every child"),
+    Param("out", "string", "", "folder for the series' report; empty = report/series-<name>"),
+]
+
 COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "vram_probe": VRAM_PARAMS,
-                  "report": REPORT_PARAMS}
+                  "report": REPORT_PARAMS, "series": SERIES_PARAMS}
 
 
 @dataclass
@@ -106,3 +134,25 @@ class TrainConfig:
     max_answer_length: int = 30
     null_threshold: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def short_model(model: str) -> str:
+    """A model reference short enough for a run description or a report cell: `minilm`, `random:tiny`,
+    `bert-base-uncased` (a hub ID or folder loses its owner/parent path)."""
+    model = str(model or "").strip()
+    return model if model.startswith("random:") else model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def small_run_note(task: str, purpose: str, max_steps: int, max_train_samples: int) -> Optional[str]:
+    """One line when a run looks like a smoke test (max_steps, or fewer training rows than the task's default)
+    but keeps purpose=real: its version would compete for `champion` with full runs. hpml warns rather than
+    switching the purpose itself: a real study on a subset (study 2 used 20,000 SST-2 rows) is legitimate."""
+    default = {"squad": SQUAD_PARAMS, "sst2": SST2_PARAMS}[task]
+    rows = next(p.default for p in default if p.name == "max_train_samples")
+    why = [f"max_steps={max_steps}"] if max_steps > 0 else []
+    if max_train_samples and (not rows or max_train_samples < rows):
+        why.append(f"max_train_samples={max_train_samples}")
+    if purpose != "real" or not why:
+        return None
+    return (f"purpose=real on a small run ({', '.join(why)}): it competes with full runs for the champion alias "
+            "and the report's real rows; pass purpose test for a smoke run")

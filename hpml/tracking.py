@@ -20,15 +20,22 @@ TAG_FINGERPRINT = "data_fingerprint"
 TAG_GIT_COMMIT = "git_commit"
 TAG_DEVICE = "device"  # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
 TAG_CONFIG_HASH = "config_hash"
+TAG_RECIPE = "recipe_hash"  # config hash without the seed, + data fingerprint: runs that are seed repeats
 TAG_PRECISION = "precision"  # resolved: fp32 | fp16 | bf16
 TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
 TAG_HOST = "hpml.host"  # where the run's process lives: with TAG_PID, finds runs left RUNNING by kill -9
 TAG_PID = "hpml.pid"
 TAG_CHECKPOINT_DIR = "hpml.checkpoint_dir"  # this run's checkpoints (hpml resume reads it)
 TAG_RESUMED_AT = "hpml.resumed_at_step"  # set when a run was continued from a checkpoint
+TAG_DESCRIPTION = "mlflow.note.content"  # the run's description in the UI: variant, model, seed, data
+TAG_PARENT = "mlflow.parentRunId"  # nested runs: a series' children point at its parent run
+TAG_SERIES = "series"  # a series' name, on its parent and on every child
+TAG_SERIES_KEY = "series_key"  # the parent's identity: the same command finds (and resumes) the same parent
+TAG_SERIES_CHILD = "series_child"  # a child's slot in its series: "<variant>/seed<N>" or "report"
+TAG_SERIES_RESUMED = "series_resumed_into"  # on a run `mlflow run` made for a resumed series: the parent
 
 PURPOSES = ("demo", "test", "real")
-TASKS = ("squad", "sst2", "vram", "report")
+TASKS = ("squad", "sst2", "vram", "report", "series")
 
 # Metrics shared by both tasks (units in the names)
 M_TRAIN_LOSS = "train_loss"
@@ -68,7 +75,8 @@ M_MEM_ACTIVATIONS = "vram_activations_mib"
 
 HEADLINE = {"squad": M_F1, "sst2": M_ACCURACY}  # the metric the champion alias compares
 
-DEFAULT_EXPERIMENT = {"squad": "hpml-squad", "sst2": "hpml-sst2", "vram": "hpml-vram", "report": "hpml-report"}
+DEFAULT_EXPERIMENT = {"squad": "hpml-squad", "sst2": "hpml-sst2", "vram": "hpml-vram", "report": "hpml-report",
+                      "series": "hpml-series"}
 CHAMPION = "champion"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -138,7 +146,7 @@ def device_name() -> str:
 # ---- runs ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs: dict[str, object],
-        resolved: dict[str, object], resume_run_id: str = "") -> Iterator[str]:
+        resolved: dict[str, object], resume_run_id: str = "", *, system_metrics: bool = False) -> Iterator[str]:
     """One MLflow run: continues `resume_run_id` if given, else joins the run `mlflow run` created
     (MLFLOW_RUN_ID), else creates one in `experiment`.
 
@@ -146,6 +154,7 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
     resolved configuration under `resolved.*` / `variant.*`, so every run has the same keys either way.
     Ends FINISHED only when the body returns; SIGINT/SIGTERM (KeyboardInterrupt) end it KILLED, any other
     exception FAILED, and the exception propagates.
+    `system_metrics`: MLflow samples CPU/GPU utilisation, memory and power every 10 s into `system/*` metrics.
     """
     import socket
 
@@ -156,9 +165,10 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
         if run_id and run_id != resume_run_id:  # `mlflow run -P resume=…` made a run of its own: point it there
             mlflow.MlflowClient().set_tag(run_id, "mlflow.note.content",
                                           f"hpml resumed run {resume_run_id}: its metrics and model are there")
-        active = mlflow.start_run(run_id=resume_run_id)  # sets the run RUNNING again
+        # sets the run RUNNING again
+        active = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
     elif run_id:
-        active = mlflow.start_run(run_id=run_id)
+        active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         exp = mlflow.get_experiment(active.info.experiment_id)
         if experiment and experiment not in (exp.name, DEFAULT_EXPERIMENT.get(task)):
             mlflow.end_run("FAILED")
@@ -166,7 +176,7 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
                              f"{exp.name!r}: use mlflow run --experiment-name {experiment} instead")
     else:
         exp = mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT[task])
-        active = mlflow.start_run(run_name=run_name)
+        active = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
     try:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
                          TAG_DEVICE: device_name(), **library_versions(), **tags,
@@ -182,6 +192,36 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def system_metrics_wanted(device: str) -> bool:
+    """On by default on CUDA (GPU utilisation, memory, power in the UI); MLflow's own switch
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off (=true turns them on on a CPU too)."""
+    value = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower()
+    if value:
+        return value in ("true", "1", "yes")
+    return device == "cuda"
+
+
+def log_datasets(inputs: list[dict]) -> None:
+    """Log each dataset the run read as an MLflow input (the UI's Datasets column): name, digest, source
+    (a local file, or hub ID + config + split + revision) and context (train | eval). Only metadata travels:
+    logging the rows would copy the data into the store."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for item in inputs:
+        if "path" in item:
+            with warnings.catch_warnings():  # MLflow registers the local source twice and says so each time
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(item["path"])
+        else:
+            hub = item["hub"]
+            source = HuggingFaceDatasetSource(path=hub["path"], config_name=hub["config_name"], split=hub["split"],
+                                              revision=hub["revision"])
+        mlflow.log_input(MetaDataset(source, name=item["name"], digest=item["digest"]), context=item["context"])
 
 
 TAG_ERROR = "error"  # one line: why a run ended FAILED or KILLED outside its own process (hpml.launch)

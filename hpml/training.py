@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hpml import checkpoints, launch, modeling, serving, signals, tracking, validate
-from hpml.config import TrainConfig
+from hpml.config import TrainConfig, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
 from hpml.metrics import memory
@@ -48,6 +48,89 @@ def data_source(cfg: TrainConfig, files: list[str], hub: str) -> dict:
     return {"hub": hub}
 
 
+# Where each task's data comes from: (hub dataset, hub config, {split: local file name}). The fingerprint's
+# hub string stays "path/config" as before, so existing runs keep comparing equal.
+def _data_spec(task: str) -> tuple[str, Optional[str], dict[str, str]]:
+    from hpml.data import squad, sst2
+
+    return {"sst2": ("nyu-mll/glue", "sst2", sst2.FILES), "squad": (squad.HUB_DATASET, None, squad.SPLIT_FILES)}[task]
+
+
+def data_fingerprint(cfg: TrainConfig) -> str:
+    """The `data_fingerprint` tag: file contents (or hub dataset) and the sample limits. Cheap (no
+    tokenization), so `hpml series` computes it too when deciding whether a finished run can be kept."""
+    hub, config, files = _data_spec(cfg.task)
+    paths = [os.path.join(cfg.data_dir, f) for f in files.values()] if cfg.data_dir else []
+    return fingerprint({**data_source(cfg, paths, "/".join(x for x in (hub, config) if x)),
+                        "max_train_samples": cfg.max_train_samples, "max_eval_samples": cfg.max_eval_samples})
+
+
+def hub_revision(ds) -> Optional[str]:
+    """The commit of a hub dataset as loaded: the datasets cache keeps it as a 40-hex folder name."""
+    import re
+
+    for entry in getattr(ds, "cache_files", None) or []:
+        found = re.search(r"/([0-9a-f]{40})/", entry.get("filename", ""))
+        if found:
+            return found.group(1)
+    return None
+
+
+def dataset_inputs(cfg: TrainConfig, revision: Optional[str] = None) -> list[dict]:
+    """What the run trained and evaluated on, for mlflow.log_input: name, digest, source, context.
+
+    The digest covers the split's file contents (or hub ID + revision) and its sample limit, so two runs
+    show different datasets in the UI exactly when they read different data."""
+    hub, config, files = _data_spec(cfg.task)
+    out = []
+    for context, split, limit in (("train", "train", cfg.max_train_samples),
+                                  ("eval", "validation", cfg.max_eval_samples)):
+        name = f"{cfg.task}-{split}" + (f"[:{limit}]" if limit else "")
+        if cfg.data_dir:
+            path = os.path.abspath(os.path.join(cfg.data_dir, files[split]))
+            digest = fingerprint({"sha256": file_digest(path), "limit": limit})
+            out.append({"name": name, "digest": digest, "context": context, "path": path})
+        else:
+            digest = fingerprint({"hub": hub, "config": config, "split": split, "revision": revision, "limit": limit})
+            out.append({"name": name, "digest": digest, "context": context,
+                        "hub": {"path": hub, "config_name": config, "split": split, "revision": revision}})
+    return out
+
+
+def config_hash(params: dict[str, object]) -> str:
+    """The `config_hash` tag: the resolved configuration minus where it is logged (experiment), whether the
+    model is registered and where/how often it is checkpointed, none of which changes what is trained."""
+    return fingerprint({k: str(v) for k, v in params.items()
+                        if k not in ("resolved.experiment", "resolved.register") and k not in checkpoints.NOT_CONFIG})
+
+
+def recipe_hash(params: dict[str, object], data_fingerprint: str) -> str:
+    """The `recipe_hash` tag: configuration and data without the seed. Runs sharing it are repeats of one
+    recipe, and the report's mean and confidence interval are taken over them."""
+    return config_hash({**{k: v for k, v in params.items() if k != "resolved.seed"}, "data": data_fingerprint})
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, str]:
+    """The tags that say whether two runs trained the same thing on the same data: config hash and data
+    fingerprint (with the git commit, what `hpml series` compares before skipping a finished child).
+    Raises UsageError (one line) for an unknown variant or a CUDA-only one on a CPU."""
+    from dataclasses import replace
+
+    variant = get_variant(cfg.variant, cfg.task)
+    precision = modeling.resolve_precision(variant, modeling.check_device(variant))
+    params = resolve_params(replace(cfg, variant=variant.id), variant, precision)
+    return {tracking.TAG_CONFIG_HASH: config_hash(params), tracking.TAG_FINGERPRINT: data_fingerprint(cfg)}
+
+
+def describe(cfg: TrainConfig, variant: Variant) -> str:
+    """The run's description (mlflow.note.content): the UI's run list then says what each run was."""
+    data = cfg.data_dir or "hub"
+    limits = "".join(f", {k} {v}" for k, v in (("max_steps", cfg.max_steps), ("max_train_samples",
+                                                                               cfg.max_train_samples)) if v)
+    return (f"{variant.id} on {short_model(cfg.model)}: {variant.description}. "
+            f"seed {cfg.seed}, purpose {cfg.purpose}, data {data}{limits}.")
+
+
 class Sst2Task:
     name = "sst2"
 
@@ -56,9 +139,7 @@ class Sst2Task:
 
         train = sst2.load_sst2(cfg.data_dir, "train", cfg.max_train_samples)
         dev = sst2.load_sst2(cfg.data_dir, "validation", cfg.max_eval_samples)
-        files = [os.path.join(cfg.data_dir, f) for f in sst2.FILES.values()] if cfg.data_dir else []
-        fp = fingerprint({**data_source(cfg, files, "nyu-mll/glue/sst2"), "max_train_samples": cfg.max_train_samples,
-                          "max_eval_samples": cfg.max_eval_samples})
+        fp = data_fingerprint(cfg)
         return Prepared(sst2.tokenize(train, tokenizer, cfg.max_length), dev,
                         sst2.tokenize(dev, tokenizer, cfg.max_length), fp)
 
@@ -89,9 +170,7 @@ class SquadTask:
             train = train.select(range(cfg.max_train_samples))
         if cfg.max_eval_samples and cfg.max_eval_samples < len(dev):
             dev = dev.select(range(cfg.max_eval_samples))
-        files = [os.path.join(cfg.data_dir, f) for f in ("train-v2.0.json", "dev-v2.0.json")] if cfg.data_dir else []
-        fp = fingerprint({**data_source(cfg, files, "rajpurkar/squad_v2"), "max_train_samples": cfg.max_train_samples,
-                          "max_eval_samples": cfg.max_eval_samples})
+        fp = data_fingerprint(cfg)
         tok_name = getattr(tokenizer, "name_or_path", "tok")
         feats = {}
         for kind, ds, fn in (("train", train, squad.prepare_train_features),
@@ -286,14 +365,15 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         tags = {tracking.TAG_VARIANT: variant.id, tracking.TAG_PURPOSE: cfg.purpose,
                 tracking.TAG_FINGERPRINT: prep.fingerprint, tracking.TAG_PRECISION: precision}
         params = resolve_params(cfg, variant, precision)
-        tags[tracking.TAG_CONFIG_HASH] = fingerprint({k: str(v) for k, v in params.items()
-                                                     if k not in ("experiment", "register")
-                                                     and k not in checkpoints.NOT_CONFIG})
+        tags[tracking.TAG_CONFIG_HASH] = config_hash(params)
+        tags[tracking.TAG_RECIPE] = recipe_hash(params, prep.fingerprint)
+        tags[tracking.TAG_DESCRIPTION] = describe(cfg, variant)
         if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
             return _train_in_run(task, variant, cfg, prep, precision, device, work, "", tags)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
-                          resume_run_id=cfg.resume) as run_id:
+                          system_metrics=tracking.system_metrics_wanted(device), resume_run_id=cfg.resume) as run_id:
             launch.record_run_id(run_id)
+            tracking.log_datasets(dataset_inputs(cfg, hub_revision(prep.eval_examples)))
             return _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tags)
     finally:
         shutil.rmtree(work, ignore_errors=True)
