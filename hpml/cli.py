@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from hpml.config import (REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
+from hpml.config import (BENCH_PARAMS, REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
                          small_run_note)
 from hpml.errors import HpmlError
 
@@ -235,6 +235,18 @@ def vram_probe(**kw):
 
     m = run_probe(ProbeConfig(**kw))
     click.echo(", ".join(f"{k}={v:.1f}" for k, v in m.items() if k.endswith("_mib")))
+
+
+@main.command("bench")
+@options(BENCH_PARAMS)
+@one_line_errors
+def bench(**kw):
+    """Speed side by side: the study's Trainer recipe, then each variant's technique (one process, one table)."""
+    from hpml.bench import BenchConfig, run_bench
+
+    if kw["purpose"] not in ("demo", "test", "real"):
+        raise HpmlError(f"purpose must be one of demo, test, real, got {kw['purpose']!r}")
+    run_bench(BenchConfig(**{**kw, "log": parse_bool("log", kw["log"])}), echo=click.echo)
 
 
 @main.command("score")

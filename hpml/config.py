@@ -52,6 +52,8 @@ SQUAD_PARAMS: list[Param] = _common("squad", model_default="bert-base-uncased", 
     Param("n_best", "int", 20, "candidate start/end positions per window in postprocessing"),
     Param("max_answer_length", "int", 30, "longest answer span in tokens"),
     Param("null_threshold", "float", 0.0, "predict no answer when null score - best span score > this"),
+    Param("max_tokens", "int", 0, "packed variants (p*): tokens per step, features laid end to end; "
+          "0 = batch_size x max_length"),
 ]
 VRAM_PARAMS: list[Param] = [
     Param("variant", "string", None, "variant ID (either task)"),
@@ -69,6 +71,25 @@ REPORT_PARAMS: list[Param] = [
     Param("formats", "string", "md,csv,tex", "comma-separated table formats: md, csv, tex"),
     Param("experiments", "string", "", "comma-separated experiment names; empty = every experiment (runs are found by their task tag)"),
     Param("purpose", "string", "", "only runs with this purpose tag (demo | test | real); empty = all"),
+]
+BENCH_PARAMS: list[Param] = [
+    Param("model", "string", "random:bert-base", "model shape/weights: random:<size>, 'minilm' or a checkpoint folder"),
+    Param("variants", "string", "a1,a2,a3,a4-nb,a4-b,b3,p1", "comma-separated squad variants, after the reference"),
+    Param("max_tokens", "string", "6000,16384", "token budgets of packed variants (one row each)"),
+    Param("steps", "int", 60, "timed training steps per row"),
+    Param("warmup_steps", "int", 15, "untimed first steps per row (compile, allocator); their excess = warm-up s"),
+    Param("batch_size", "int", 32, "features per step of padded rows (the reference's batch)"),
+    Param("max_length", "int", 384, "window length: padded width and longest feature"),
+    Param("features", "int", 4096, "generated SQuAD-shaped training features (cycled)"),
+    Param("eval_features", "int", 2048, "generated features for the eval forward timing"),
+    Param("eval_batch_size", "int", 64, "eval rows per padded batch"),
+    Param("eval_max_tokens", "int", 32768, "tokens per packed eval batch"),
+    Param("seed", "int", 0, "seed of the features, the initialisation and the batch order"),
+    Param("profile_steps", "int", 0, "profile this many steady steps per row (GPU busy share, top kernels)"),
+    Param("out", "string", "", "folder for results.json and profiles; empty = none"),
+    Param("log", "string", "true", "log a bench run with one child run per row to MLflow (true|false)"),
+    Param("experiment", "string", "hpml-bench", "MLflow experiment for direct hpml commands"),
+    Param("purpose", "string", "real", "demo | test | real"),
 ]
 
 REPORT_PARAMS.append(Param("series_run", "string", "",
@@ -100,7 +121,8 @@ SERIES_PARAMS: list[Param] = [
 ]
 
 COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "vram_probe": VRAM_PARAMS,
-                  "report": REPORT_PARAMS, "series": SERIES_PARAMS}
+                  "report": REPORT_PARAMS, "series": SERIES_PARAMS,
+                  "benchmark": BENCH_PARAMS}
 
 
 @dataclass
@@ -133,6 +155,7 @@ class TrainConfig:
     n_best: int = 20
     max_answer_length: int = 30
     null_threshold: float = 0.0
+    max_tokens: int = 0  # packed variants only; 0 = batch_size * max_length
     extra: dict = field(default_factory=dict)
 
 

@@ -135,7 +135,12 @@ def load_base(path_or_id: str, task: str, variant: Variant):
     """Load a checkpoint with the variant's attention implementation and (optionally) a 4-bit base."""
     # fp32 master weights whatever the checkpoint stores (transformers 5 would keep an fp16 file in fp16);
     # mixed precision is autocast's job.
-    kwargs = dict(attn_implementation=variant.attention.impl, dtype=torch.float32, **task_kwargs(task))
+    impl = variant.attention.impl
+    if variant.batching.padding == "packed":
+        from hpml import packing
+
+        impl = packing.register_attention()  # varlen on packed rows, SDPA on padded ones (serving loads sdpa)
+    kwargs = dict(attn_implementation=impl, dtype=torch.float32, **task_kwargs(task))
     qconf = quantization_config(variant)
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": 0})

@@ -76,7 +76,8 @@ M_MEM_ACTIVATIONS = "vram_activations_mib"
 HEADLINE = {"squad": M_F1, "sst2": M_ACCURACY}  # the metric the champion alias compares
 
 DEFAULT_EXPERIMENT = {"squad": "hpml-squad", "sst2": "hpml-sst2", "vram": "hpml-vram", "report": "hpml-report",
-                      "series": "hpml-series"}
+                      "series": "hpml-series",
+                      "bench": "hpml-bench"}
 CHAMPION = "champion"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -192,6 +193,22 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def child_run(task: str, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+    """A run nested in the active one (`hpml bench` rows): FINISHED when the body returns, else FAILED."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name, nested=True) as active:
+        mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_DEVICE: device_name(), **tags})
+        yield active.info.run_id
+
+
+def log_text(text: str, name: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, name)
 
 
 def system_metrics_wanted(device: str) -> bool:

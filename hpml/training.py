@@ -186,9 +186,15 @@ class SquadTask:
         from hpml.data import squad
         from hpml.metrics import squad_v2
 
-        model_inputs = prep.eval_features.remove_columns(["example_id", "offset_mapping"])
-        out = trainer.predict(model_inputs)
-        start_logits, end_logits = out.predictions[:2] if isinstance(out.predictions, tuple) else out.predictions
+        if getattr(trainer, "hpml_sampler", None) is not None:  # packed variants evaluate packed too
+            from hpml import packing
+
+            start_logits, end_logits, timing = packing.evaluate_qa(trainer, prep.eval_features, cfg)
+        else:
+            model_inputs = prep.eval_features.remove_columns(["example_id", "offset_mapping"])
+            out = trainer.predict(model_inputs)
+            start_logits, end_logits = out.predictions[:2] if isinstance(out.predictions, tuple) else out.predictions
+            timing = eval_timing(out.metrics, len(prep.eval_features))
         result = squad.postprocess_predictions(prep.eval_examples, prep.eval_features, start_logits, end_logits,
                                                n_best=cfg.n_best, max_answer_length=cfg.max_answer_length,
                                                null_threshold=cfg.null_threshold)
@@ -197,7 +203,7 @@ class SquadTask:
                 json.dump(obj, f)
         scores = squad_v2.evaluate(list(prep.eval_examples), result.predictions, na_probs=result.null_odds)
         return {**{f"eval_{k}": v for k, v in scores.items()},
-                **eval_timing(out.metrics, len(prep.eval_features))}
+                **timing}
 
     epoch_metrics = None  # SQuAD is scored once, after training (postprocessing needs all windows)
 
@@ -228,11 +234,14 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         weight_decay=opt.weight_decay,
         warmup_steps=opt.warmup_ratio,  # a float < 1 is a ratio of total steps (transformers 5)
         lr_scheduler_type=opt.scheduler,
-        optim="adamw_bnb_8bit" if opt.name == "adamw_8bit" else "adamw_torch",
+        # fused AdamW: one kernel per step instead of a loop over parameter tensors (CUDA only here)
+        optim="adamw_bnb_8bit" if opt.name == "adamw_8bit" else
+              "adamw_torch_fused" if device == "cuda" else "adamw_torch",
         bf16=precision == "bf16",
         fp16=precision == "fp16" and not variant.precision.quantization,  # 4-bit: compute dtype set at load
         torch_compile=variant.compile.enabled,
         torch_compile_backend=variant.compile.backend if variant.compile.enabled else None,
+        **({"torch_compile_mode": variant.compile.mode} if variant.compile.mode != "default" else {}),
         train_sampling_strategy="group_by_length" if variant.batching.group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,  # the collator drops bookkeeping columns itself
@@ -244,7 +253,9 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         report_to="none",  # hpml's own callback logs to MLflow through tracking.py
         seed=cfg.seed,
         use_cpu=device == "cpu",
-        dataloader_num_workers=0,
+        # collation in two worker processes on a GPU (pinned memory, Trainer's default): off the step's path
+        dataloader_num_workers=2 if device == "cuda" else 0,
+        dataloader_persistent_workers=device == "cuda",
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world > 1 else None,
         # Frozen weights (BitFit, freezing, LoRA) have requires_grad=False and are not DDP's concern; the
         # default (True) would walk the autograd graph every step looking for unused ones.
@@ -316,6 +327,13 @@ def build_trainer(task, variant: Variant, cfg: TrainConfig, built: modeling.Buil
 
     per_epoch = task.epoch_metrics is not None
     args = training_arguments(variant, cfg, precision, out_dir, device, per_epoch)
+    if variant.batching.padding == "packed":
+        from hpml import packing
+
+        trainer = packing.build_packed_trainer(trainer_class(), built, prep.train, cfg, args, device,
+                                               make_callback)
+        trainer.add_callback(signals.stop_callback())  # a first signal stops at a step with a checkpoint
+        return trainer
     collate = Collator(built.tokenizer.pad_token_id, cfg.max_length, variant.batching)
     return trainer_class()(model=built.model, args=args, train_dataset=prep.train,
                    eval_dataset=prep.eval_features if per_epoch else None, data_collator=collate,
@@ -328,7 +346,7 @@ def resolve_params(cfg: TrainConfig, variant: Variant, precision: str) -> dict[s
     """The configuration the run really used: defaults filled in, variant settings flattened."""
     params = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "resume")}
     if cfg.task == "sst2":
-        for k in ("doc_stride", "n_best", "max_answer_length", "null_threshold"):
+        for k in ("doc_stride", "n_best", "max_answer_length", "null_threshold", "max_tokens"):
             params.pop(k)
     params["lr"] = cfg.lr if cfg.lr is not None else variant.optimizer.lr
     params["precision"] = precision

@@ -10,7 +10,7 @@ from hpml.config import COMMAND_PARAMS
 from conftest import REPO
 
 CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "vram_probe": "vram-probe", "report": "report",
-             "series": "series"}
+             "series": "series", "benchmark": "bench"}
 POSITIONAL = {"series": ["name"]}  # `hpml series NAME`: the MLproject command passes it first, bare
 
 

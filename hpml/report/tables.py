@@ -24,7 +24,7 @@ MISSING = "—"  # every measured cell of a variant without a FINISHED run, and 
 NO_RUN = "no FINISHED run found"
 STUDY_SUFFIX = f" (study, {study.STUDY_DEVICE})"
 FORMATS = ("md", "csv", "tex")
-RUN_TASKS = ("squad", "sst2", "vram")  # tasks whose runs feed the tables; "report" runs are our own output
+RUN_TASKS = ("squad", "sst2", "vram", "bench")  # tasks whose runs feed the tables; "report" runs are our own output
 
 _STUDY_NOTE = (f"Columns marked “{STUDY_SUFFIX.strip()}” are the source study's published numbers, measured on "
                f"one {study.STUDY_DEVICE_LONG}; all other numbers were measured by hpml on the device in the "
@@ -421,14 +421,47 @@ def build_report(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, s
         raise EmptyReportError(
             f"no FINISHED hpml runs found at {where}{matching}; create some first, e.g. `mlflow run . "
             "-e train_squad --experiment-name hpml-squad -P variant=a1 --env-manager local`, then rerun the report")
-    return [table1_configurations(), table2_a_series(runs), table3_b_series(runs), table4_c_series(runs),
-            table5_vram(runs), table_sst2(runs), table7_statistics(runs)]
+    tables = [table1_configurations(), table2_a_series(runs), table3_b_series(runs), table4_c_series(runs),
+              table5_vram(runs), table_sst2(runs), table7_statistics(runs)]
+    speed = table_speed(df, tag_filter)
+    return tables + ([speed] if speed is not None else [])
+
+
+# `hpml bench` rows: (column, metric, decimals); the row label is the run's bench_row tag (p2@6000 …)
+SPEED_COLUMNS = (("features/s", "bench_train_features_per_s", 0), ("real tokens/s", "bench_train_real_tokens_per_s", 0),
+                 ("MFU %", "bench_mfu_pct", 1), ("warm-up s", "bench_warmup_s", 1),
+                 ("recompiles", "bench_recompiles_after_warmup", 0), ("peak MiB", "bench_peak_vram_allocated_mib", 0),
+                 ("eval features/s", "bench_eval_features_per_s", 0), ("× reference", "bench_ratio_to_reference", 2))
+
+
+def table_speed(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, str]] = None) -> Optional[Table]:
+    """Speed table from the newest `hpml bench` run's rows (task=bench); None when there is none. Rows of one
+    bench run only, since its ratios are measured side by side in that run."""
+    row_col, parent_col = _tag("bench_row"), _tag("mlflow.parentRunId")
+    if df is None or df.empty or row_col not in df.columns or parent_col not in df.columns:
+        return None
+    keep = df["status"].eq("FINISHED") & df[_tag(TAG_TASK)].eq("bench") & df[row_col].notna()
+    for key, value in (tag_filter or {}).items():
+        col = key if key.startswith("tags.") else _tag(key)
+        keep &= df[col].eq(value) if col in df.columns else False
+    rows = df.loc[keep]
+    if rows.empty:
+        return None
+    newest = rows.sort_values("start_time", kind="stable").iloc[-1][parent_col]
+    rows = rows[rows[parent_col] == newest].sort_values("start_time", kind="stable")
+    table = [{"row": r[row_col], **{name: _num(metric_value(r, m), d) for name, m, d in SPEED_COLUMNS},
+              "device": tag_value(r, TAG_DEVICE)} for _, r in rows.iterrows()]
+    notes = ["`hpml bench`: the study's recipe (HF Trainer, eager, fp16 AMP, padded) first, then each variant's "
+             "technique in a lean loop, one process, one set of generated features; MFU counts real tokens only."]
+    return Table("table8_speed", "Table 8: training and eval speed, side by side (hpml bench)", pd.DataFrame(table),
+                 notes)
 
 
 # ---- renderers ---------------------------------------------------------------------------------------
 # Columns of words; every other column holds numbers (or —) and is right-aligned, even when all are —.
 _TEXT_COLUMNS = frozenset({"ID", "study label", "task", "description", "key knobs", "requires CUDA", "device",
-                           "model", "table", "metric", "baseline", "verdict", "val acc per epoch" + STUDY_SUFFIX})
+                           "model", "table", "metric", "baseline", "verdict", "val acc per epoch" + STUDY_SUFFIX,
+                           "row"})
 
 
 def _right_aligned(frame: pd.DataFrame) -> list[bool]:
