@@ -31,15 +31,22 @@ def options(params: list[Param]):
 def one_line_errors(f):
     """User errors end as one line on stderr and a non-zero exit, never a traceback."""
 
+    from hpml import signals
+
     @functools.wraps(f)
     def run(*args, **kwargs):
         try:
-            return f(*args, **kwargs)
+            with signals.handled():
+                return f(*args, **kwargs)
         except HpmlError as exc:
             from hpml import launch
 
             if not launch.in_worker():  # a data-parallel worker's error is reported once, by its launcher
                 click.echo(f"hpml: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except signals.Interrupted as exc:
+            click.echo(f"hpml: {exc}: the run (if one started) ended KILLED and nothing was registered; "
+                       "hpml resume latest continues it from its last checkpoint", err=True)
             sys.exit(exc.exit_code)
 
     return run
@@ -61,10 +68,36 @@ def parse_lr(value: str):
         raise HpmlError(f"lr must be a number or empty (the variant's own), got {value!r}") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """Click's own usage errors (a bad integer, an unknown option) as one line too: click prints the usage,
+    a hint and the error on three or more lines."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `hpml`: the help text is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = getattr(getattr(exc, "ctx", None), "command_path", None) or "hpml"
+            click.echo(f"hpml: error: {exc.format_message()} ({where} -h lists the options)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("hpml: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """hpml: efficient fine-tuning of BERT on SQuAD v2 and SST-2, measured and compared in MLflow."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: end with it
+        from hpml.signals import die_with_parent
+
+        die_with_parent()
 
 
 @main.command("variants")
@@ -80,10 +113,18 @@ def variants_cmd(task):
 
 def _train(task: str, kw: dict):
     from hpml import launch
+    from hpml.errors import UsageError
     from hpml.training import run_training
+
+    if not kw["variant"]:  # click lets a required option with a None default through as None
+        raise UsageError(f"--variant is required: pick one of hpml variants --task {task}")
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
+    # `resume` is not a param of the run: the resumed run keeps the params it was started with
+    inputs = {k: "" if v is None else v for k, v in kw.items() if k != "resume"}
+    if cfg.resume and cfg.nproc > 1:
+        raise UsageError("resume continues single-process runs only: drop nproc (the run's own settings are used)")
     note = small_run_note(task, cfg.purpose, cfg.max_steps, cfg.max_train_samples)
     if note and not launch.in_worker():
         click.echo(f"hpml: note: {note}", err=True)
@@ -99,14 +140,18 @@ def _train(task: str, kw: dict):
     if launch.in_worker():
         launch.quiet_other_ranks()
         try:
-            summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
+            summary = run_training(cfg, inputs=inputs)
         except BaseException as exc:
             launch.record_error(str(exc) if isinstance(exc, HpmlError) else f"{type(exc).__name__}: {exc}")
             raise
         if not launch.context().is_main:
             return
     else:
-        summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
+        summary = run_training(cfg, inputs=inputs)
+    _print_summary(task, summary)
+
+
+def _print_summary(task: str, summary: dict):
     m = summary["metrics"]
     headline = ("eval_exact", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1") if task == "squad" else ("eval_accuracy",)
     shown = ", ".join(f"{k}={m[k]:.4g}" for k in headline + ("train_runtime_s", "train_samples_per_s") if k in m)
@@ -130,6 +175,44 @@ def train_sst2(**kw):
 def train_squad(**kw):
     """Fine-tune on SQuAD v2 with one variant; score like the official evaluator; log and register."""
     _train("squad", kw)
+
+
+@main.command("resume")
+@click.argument("run", default="latest")
+@one_line_errors
+def resume(run):
+    """Continue an interrupted training run (RUN ID, or 'latest') from its last checkpoint: same MLflow run,
+    same parameters; it ends FINISHED and registers one version."""
+    from hpml import checkpoints, tracking
+    from hpml.training import run_training
+
+    tracking.connect()
+    cfg = checkpoints.to_resume(run)
+    click.echo(f"resuming {cfg.task} run {cfg.resume} ({cfg.variant}) from "
+               f"{checkpoints.last_checkpoint(checkpoints.run_dir(cfg, cfg.resume))}", err=True)
+    _print_summary(cfg.task, run_training(cfg))
+
+
+@main.command("runs")
+@click.option("--stale", is_flag=True, required=True,
+              help="list RUNNING runs whose process is gone (kill -9, a crash, a reboot)")
+@click.option("--mark", is_flag=True, help="end each stale run KILLED (hpml resume can then continue it)")
+@one_line_errors
+def runs_cmd(stale, mark):
+    """Runs left behind: RUNNING in the store, but their process (host + PID tags) no longer exists."""
+    from hpml import tracking
+
+    uri = tracking.connect()
+    rows = tracking.stale_runs()
+    if not rows:
+        click.echo(f"no stale runs at {uri}")
+        return
+    for r in rows:
+        t = r["tags"]
+        if mark:
+            tracking.mark_killed(r["run_id"])
+        click.echo(f"{r['run_id']}  {t.get(tracking.TAG_TASK, '-'):6} {r['name'] or '-':8} pid {t.get(tracking.TAG_PID)} "
+                   f"on {t.get(tracking.TAG_HOST)}  {'marked KILLED' if mark else 'stale (RUNNING, process gone)'}")
 
 
 @main.command("demo")
@@ -188,7 +271,13 @@ def score(data_path, preds_path, na_probs_path):
 def make_data(task, out, n_train, n_dev, seed):
     """Generate official-format data: SQuAD v2 JSON or GLUE SST-2 TSV (for tests, demos, benchmarks)."""
     from hpml.data import synthetic
+    from hpml.errors import UsageError
+    from hpml.validate import check_writable_dir
 
+    for name, n in (("--train", n_train), ("--dev", n_dev)):
+        if n is not None and n <= 0:
+            raise UsageError(f"{name} must be > 0 rows/questions, got {n}")
+    check_writable_dir(out, "--out")
     if task == "squad":
         paths = synthetic.write_squad(out, n_train or 2000, n_dev or 500, seed)
     else:
@@ -296,6 +385,10 @@ def predict(model_uri, text, question, passage, in_file, out, base_model):
         raise UsageError("--question and --context go together (a SQuAD model answers a question from a passage)")
     if not given or (text is not None and question is not None):
         raise UsageError("pass --text (SST-2), --question with --context (SQuAD), or --file with JSON lines")
+    if out:
+        from hpml.validate import check_writable_file
+
+        check_writable_file(out, "--out")  # before loading the model, not after predicting
     if in_file is not None:
         frame = serving.read_jsonl(in_file)
     else:

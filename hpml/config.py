@@ -35,6 +35,12 @@ def _common(task: str, *, model_default: str, max_train: int, batch: int, eval_b
         Param("purpose", "string", "real", "tag separating demo | test | real runs in the report and aliases"),
         Param("nproc", "int", 1, "data-parallel worker processes (one per GPU) started by torchrun; batch_size "
               "and eval_batch_size are then global batches split evenly over them"),
+        # checkpoints and resume (hpml/checkpoints.py)
+        Param("output_dir", "string", "", "checkpoint folder; empty = ./hpml-checkpoints/<run ID>"),
+        Param("save_steps", "int", 0, "save a checkpoint every N optimizer steps (0 = at the end of each epoch)"),
+        Param("save_total_limit", "int", 2, "checkpoints kept while training (0 = all); older ones are deleted"),
+        Param("resume", "string", "", "run ID (or 'latest') to continue from its last checkpoint; the other "
+              "parameters are then the run's own"),
     ]
 
 
@@ -140,6 +146,10 @@ class TrainConfig:
     register: bool = True
     purpose: str = "real"
     nproc: int = 1  # data-parallel workers (hpml.launch); batch sizes are global
+    output_dir: str = ""  # empty = ./hpml-checkpoints/<run ID>
+    save_steps: int = 0  # 0 = once per epoch
+    save_total_limit: int = 2
+    resume: str = ""  # never logged: a resumed run keeps its own params
     # SQuAD only
     doc_stride: int = 128
     n_best: int = 20

@@ -347,21 +347,20 @@ def open_model(model: str, base_model: Optional[str] = None) -> Predictor:
 
 def read_jsonl(path: str) -> pd.DataFrame:
     """One JSON object per line (blank lines skipped); errors name the file and line."""
+    from hpml.validate import read_text
+
     rows = []
-    try:
-        with open(path) as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise HpmlError(f"{path}:{n}: not JSON ({exc.msg}); write one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise HpmlError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-    except OSError as exc:
-        raise HpmlError(f"cannot read {path}: {exc.strerror}") from None
+    text = read_text(path, "the JSON lines input", "pass an existing file to --file")
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HpmlError(f"{path}:{n}: not JSON ({exc.msg}); write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise HpmlError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     if not rows:
         raise HpmlError(f"{path} holds no input rows")
     return pd.DataFrame(rows)

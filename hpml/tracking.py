@@ -24,6 +24,10 @@ TAG_CONFIG_HASH = "config_hash"
 TAG_RECIPE = "recipe_hash"  # config hash without the seed, + data fingerprint: runs that are seed repeats
 TAG_PRECISION = "precision"  # resolved: fp32 | fp16 | bf16
 TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
+TAG_HOST = "hpml.host"  # where the run's process lives: with TAG_PID, finds runs left RUNNING by kill -9
+TAG_PID = "hpml.pid"
+TAG_CHECKPOINT_DIR = "hpml.checkpoint_dir"  # this run's checkpoints (hpml resume reads it)
+TAG_RESUMED_AT = "hpml.resumed_at_step"  # set when a run was continued from a checkpoint
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's description in the UI: variant, model, seed, data
 TAG_PARENT = "mlflow.parentRunId"  # nested runs: a series' children point at its parent run
 TAG_SERIES = "series"  # a series' name, on its parent and on every child
@@ -102,6 +106,10 @@ def connect(explicit: str = "", experiment: str = "", model: str = "") -> str:
     import mlflow
 
     uri = tracking_uri(explicit)
+    if uri.startswith("sqlite:"):
+        from hpml.store import init_sqlite
+
+        init_sqlite(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri.rstrip("/"), experiment, model)
     mlflow.set_tracking_uri(uri)
@@ -226,18 +234,28 @@ def device_name() -> str:
 # ---- runs ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs: dict[str, object],
-        resolved: dict[str, object], *, system_metrics: bool = False) -> Iterator[str]:
-    """One MLflow run: joins the run `mlflow run` created (MLFLOW_RUN_ID), else creates one in `experiment`.
+        resolved: dict[str, object], resume_run_id: str = "", *, system_metrics: bool = False) -> Iterator[str]:
+    """One MLflow run: continues `resume_run_id` if given, else joins the run `mlflow run` created
+    (MLFLOW_RUN_ID), else creates one in `experiment`.
 
     Params: the inputs as given under their plain names (mlflow run logs those itself, as typed) and the
     resolved configuration under `resolved.*` / `variant.*`, so every run has the same keys either way.
-    Ends FINISHED only when the body returns; any exception ends it FAILED and propagates.
+    Ends FINISHED only when the body returns; SIGINT/SIGTERM (KeyboardInterrupt) end it KILLED, any other
+    exception FAILED, and the exception propagates.
     `system_metrics`: MLflow samples CPU/GPU utilisation, memory and power every 10 s into `system/*` metrics.
     """
+    import socket
+
     import mlflow
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
+    if resume_run_id:
+        if run_id and run_id != resume_run_id:  # `mlflow run -P resume=…` made a run of its own: point it there
+            mlflow.MlflowClient().set_tag(run_id, "mlflow.note.content",
+                                          f"hpml resumed run {resume_run_id}: its metrics and model are there")
+        # sets the run RUNNING again
+        active = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
+    elif run_id:
         active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         exp = mlflow.get_experiment(active.info.experiment_id)
         if experiment and experiment not in (exp.name, DEFAULT_EXPERIMENT.get(task)):
@@ -249,11 +267,15 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
         active = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
     try:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
-                         TAG_DEVICE: device_name(), **library_versions(), **tags})
+                         TAG_DEVICE: device_name(), **library_versions(), **tags,
+                         TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())})
         already = mlflow.get_run(active.info.run_id).data.params
         log_params({k: v for k, v in inputs.items() if k not in already})
         log_params(resolved)
         yield active.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
     except BaseException:
         mlflow.end_run("FAILED")
         raise
@@ -373,17 +395,20 @@ def register_model(export_dir: str, task: str, variant_id: str, metrics: dict[st
         info = mlflow.pyfunc.log_model(name="model", python_model=serving.PYFUNC_FILE,
                                        artifacts={"export": export_dir}, signature=serving.signature(task),
                                        pip_requirements=serving.pip_requirements())
+    from hpml import signals
+
     client = MlflowClient()
+    headline = HEADLINE[task]
+    # Every tag goes in with the version and the alias is decided before it exists, so the store never
+    # holds a READY version without its metric tags (a kill between calls used to leave one).
+    version_tags = {TAG_VARIANT: variant_id, **tags, "run_id": mlflow.active_run().info.run_id,
+                    **{k: repr(float(v)) for k, v in metrics.items() if k in (headline, M_EXACT, M_ACCURACY, M_F1)}}
+    became = should_become_champion(client, name, 0, task, metrics[headline], tags)
     version = None
     try:
-        mv = mlflow.register_model(info.model_uri, name, tags={TAG_VARIANT: variant_id, **tags})
-        version = int(mv.version)
-        headline = HEADLINE[task]
-        for key, value in metrics.items():
-            if key in (headline, M_EXACT, M_ACCURACY, M_F1):
-                client.set_model_version_tag(name, str(version), key, repr(float(value)))
-        client.set_model_version_tag(name, str(version), "run_id", mlflow.active_run().info.run_id)
-        became = should_become_champion(client, name, version, task, metrics[headline], tags)
+        with signals.deferred():  # a signal waits for the version's number, then the except below deletes it
+            mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+            version = int(mv.version)
         if became:
             client.set_registered_model_alias(name, CHAMPION, str(version))
         return name, version, became
@@ -405,6 +430,71 @@ def should_become_champion(client, name: str, version: int, task: str, value: fl
         return tags.get(TAG_PURPOSE) == "real" and champ.tags.get(TAG_PURPOSE) != "real"
     champ_value = champ.tags.get(HEADLINE[task])
     return champ_value is None or value > float(champ_value)
+
+
+# ---- runs left behind: stale RUNNING runs and interrupted runs to resume -----------------------------------
+def _info(run) -> dict:
+    return {"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
+            "tags": dict(run.data.tags), "params": dict(run.data.params), "name": run.info.run_name}
+
+
+def run_info(run_id: str) -> dict:
+    """status, tags, params of one run; an unknown ID is one line."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _info(MlflowClient().get_run(run_id))
+    except MlflowException:
+        raise UsageError(f"run {run_id!r} not found at {tracking_uri()}: pass a run ID of this store or 'latest'") from None
+
+
+def is_alive(tags: dict[str, str]) -> bool:
+    """True when the run's process still exists, or when it ran on another host (which cannot be checked)."""
+    import socket
+
+    host, pid = tags.get(TAG_HOST), tags.get(TAG_PID)
+    if not pid or host != socket.gethostname():
+        return host is not None and host != socket.gethostname()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def _hpml_runs(status_filter: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return []
+    return list(client.search_runs(exps, filter_string=status_filter, order_by=["attributes.start_time DESC"],
+                                   max_results=1000))
+
+
+def stale_runs() -> list[dict]:
+    """RUNNING hpml runs whose process is gone (kill -9, a crash, a reboot): newest first."""
+    return [_info(r) for r in _hpml_runs("attributes.status = 'RUNNING'")
+            if TAG_PID in r.data.tags and not is_alive(r.data.tags)]
+
+
+def interrupted_runs(task: Optional[str] = None) -> list[dict]:
+    """KILLED or FAILED runs of `task`, and stale RUNNING ones, newest first: what `resume latest` picks from."""
+    ended = _hpml_runs("attributes.status = 'KILLED'") + _hpml_runs("attributes.status = 'FAILED'")
+    rows = [_info(r) for r in ended
+            if r.data.tags.get(TAG_TASK) in ((task,) if task else ("squad", "sst2"))]
+    rows += [r for r in stale_runs() if r["tags"].get(TAG_TASK) in ((task,) if task else ("squad", "sst2"))]
+    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+
+
+def mark_killed(run_id: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, "KILLED")
 
 
 # ---- report queries -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hpml import launch, modeling, serving, tracking
+from hpml import checkpoints, launch, modeling, serving, signals, tracking, validate
 from hpml.config import TrainConfig, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
@@ -98,10 +98,10 @@ def dataset_inputs(cfg: TrainConfig, revision: Optional[str] = None) -> list[dic
 
 
 def config_hash(params: dict[str, object]) -> str:
-    """The `config_hash` tag: the resolved configuration minus where it is logged (experiment) and whether
-    the model is registered, neither of which changes what is trained."""
+    """The `config_hash` tag: the resolved configuration minus where it is logged (experiment), whether the
+    model is registered and where/how often it is checkpointed, none of which changes what is trained."""
     return fingerprint({k: str(v) for k, v in params.items()
-                        if k not in ("resolved.experiment", "resolved.register")})
+                        if k not in ("resolved.experiment", "resolved.register") and k not in checkpoints.NOT_CONFIG})
 
 
 def recipe_hash(params: dict[str, object], data_fingerprint: str) -> str:
@@ -246,7 +246,8 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         length_column_name="length",
         remove_unused_columns=False,  # the collator drops bookkeeping columns itself
         eval_strategy="epoch" if per_epoch_eval else "no",
-        save_strategy="no",  # the export after training is the only checkpoint
+        # resumable checkpoints under output_dir/<run ID> (single-process runs: see _train_in_run)
+        **(checkpoints.save_arguments(cfg) if not launch.context().distributed else {"save_strategy": "no"}),
         logging_strategy="steps",
         logging_steps=max(1, min(50, cfg.max_steps or 50)),
         report_to="none",  # hpml's own callback logs to MLflow through tracking.py
@@ -274,7 +275,8 @@ def make_callback(samples_per_step: int, device: str):
         warm_step, warm_time, steady = 0, 0.0, None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.warm_step = max(1, min(20, state.max_steps // 5))
+            # counted from the first step of this session: a resumed run starts past step 0
+            self.warm_step = state.global_step + max(1, min(20, (state.max_steps - state.global_step) // 5))
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step in (self.warm_step, state.max_steps):
@@ -309,7 +311,7 @@ def trainer_class():
     from torch.utils.data import SequentialSampler
     from transformers import Trainer
 
-    class HpmlTrainer(Trainer):
+    class HpmlTrainer(checkpoints.LossTracking, Trainer):
         """Length grouping is for training batches only. transformers 5 also applies it to evaluation, and then
         returns predictions in the grouped (shuffled) order, so they no longer line up with the features they
         are mapped back to: the study's A4-b collapse (EM 25.8). Evaluation here always keeps dataset order."""
@@ -328,19 +330,21 @@ def build_trainer(task, variant: Variant, cfg: TrainConfig, built: modeling.Buil
     if variant.batching.padding == "packed":
         from hpml import packing
 
-        return packing.build_packed_trainer(trainer_class(), built, prep.train, cfg, args, device,
-                                            make_callback)
+        trainer = packing.build_packed_trainer(trainer_class(), built, prep.train, cfg, args, device,
+                                               make_callback)
+        trainer.add_callback(signals.stop_callback())  # a first signal stops at a step with a checkpoint
+        return trainer
     collate = Collator(built.tokenizer.pad_token_id, cfg.max_length, variant.batching)
     return trainer_class()(model=built.model, args=args, train_dataset=prep.train,
                    eval_dataset=prep.eval_features if per_epoch else None, data_collator=collate,
                    compute_metrics=task.epoch_metrics if per_epoch else None,
-                   callbacks=[make_callback(cfg.batch_size, device)])
+                   callbacks=[make_callback(cfg.batch_size, device), signals.stop_callback()])
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
 def resolve_params(cfg: TrainConfig, variant: Variant, precision: str) -> dict[str, object]:
     """The configuration the run really used: defaults filled in, variant settings flattened."""
-    params = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "resume")}
     if cfg.task == "sst2":
         for k in ("doc_stride", "n_best", "max_answer_length", "null_threshold", "max_tokens"):
             params.pop(k)
@@ -355,11 +359,16 @@ def cache_dir() -> str:
 
 def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -> dict[str, object]:
     """Train, evaluate, log and register one variant. Returns a summary (metrics, run id, registry version)."""
+    if cfg.resume:  # the run's own configuration replaces the options given
+        tracking.connect()
+        cfg = checkpoints.to_resume(cfg.resume, cfg.task)
     task = TASKS[cfg.task]
     variant = get_variant(cfg.variant, cfg.task)
+    cfg.output_dir = checkpoints.root_dir(cfg)
     cfg.variant = variant.id
     if cfg.purpose not in tracking.PURPOSES:
         raise UsageError(f"purpose must be one of {', '.join(tracking.PURPOSES)}, got {cfg.purpose!r}")
+    validate.check_train(cfg, variant)  # every number, path and file encoding: one line, before any run
     device = modeling.check_device(variant)
     precision = modeling.resolve_precision(variant, device)
     # On a team server: credentials and EDIT on the experiment and registered model, before any work.
@@ -382,7 +391,7 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
             return _train_in_run(task, variant, cfg, prep, precision, device, work, "", tags)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
-                          system_metrics=tracking.system_metrics_wanted(device)) as run_id:
+                          system_metrics=tracking.system_metrics_wanted(device), resume_run_id=cfg.resume) as run_id:
             launch.record_run_id(run_id)
             tracking.log_datasets(dataset_inputs(cfg, hub_revision(prep.eval_examples)))
             return _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tags)
@@ -396,11 +405,22 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
     built = modeling.build_model(variant, cfg.model, cfg.task, work, cfg.seed)
     if main:
         tracking.log_metrics(built.counts.as_metrics())
-    trainer = build_trainer(task, variant, cfg, built, prep, precision, os.path.join(work, "trainer"), device)
-    result = trainer.train()
+    # Resumable checkpoints need a folder every rank knows before the run exists: single-process runs only.
+    resumable = not launch.context().distributed
+    ckpt_dir = checkpoints.run_dir(cfg, run_id) if resumable else os.path.join(work, "trainer")
+    if resumable:
+        tracking.set_tags({tracking.TAG_CHECKPOINT_DIR: ckpt_dir})
+    trainer = build_trainer(task, variant, cfg, built, prep, precision, ckpt_dir, device)
+    resume_from = checkpoints.last_checkpoint(ckpt_dir) if (cfg.resume and resumable) else None
+    if resume_from:
+        tracking.set_tags({tracking.TAG_RESUMED_AT: os.path.basename(resume_from).split("-")[-1]})
+    trainer.start_from(resume_from)
+    with signals.deferred():  # a first SIGINT/SIGTERM stops at the next step with a checkpoint, then raises
+        result = trainer.train(resume_from_checkpoint=resume_from)
     last_epoch = max(1, int(round(trainer.state.epoch or 0)))  # final metrics sit at the last epoch's step
     progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
-    metrics = {tracking.M_TRAIN_LOSS: result.training_loss,
+    # Summed over every step, those before a resume included (Trainer's own mean covers this session only).
+    metrics = {tracking.M_TRAIN_LOSS: trainer.loss_sum() / max(1, trainer.state.global_step),
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
                tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
                tracking.M_TRAIN_SPS: result.metrics["train_samples_per_second"],
@@ -426,4 +446,6 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
     if cfg.register:
         name, version, champion = tracking.register_model(export_dir, cfg.task, variant.id, metrics, tags)
         summary.update(registered=name, version=version, champion=champion)
+    if resumable:
+        checkpoints.remove(ckpt_dir)  # finished: the registry (or the run's artifacts) holds what is needed
     return summary

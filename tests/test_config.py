@@ -29,7 +29,8 @@ def test_mlproject_matches_declared_parameters():
         used = re.findall(r"--([a-z-]+) \{([a-z_]+)\}", eps[ep]["command"])
         first = POSITIONAL.get(ep, [])
         assert sorted(used) == sorted((n.replace("_", "-"), n) for n in declared if n not in first), ep
-        prefix = " ".join([f"python entry_points/{ep}.py", *(f"{{{n}}}" for n in first)])
+        # exec: mlflow run's shell becomes the entry point, so signals and parent death reach hpml itself
+        prefix = " ".join([f"exec python entry_points/{ep}.py", *(f"{{{n}}}" for n in first)])
         assert eps[ep]["command"].startswith(prefix + " "), ep
 
 

@@ -61,6 +61,7 @@ def load_squad_json(path: str, *, check_spans: bool = True) -> list[dict[str, An
                     f"pass a directory holding {' and '.join(SPLIT_FILES.values())}")
 
     records: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for a, article in enumerate(_need(raw, "data", list, path, "the top level")):
         title = article.get("title", "") if isinstance(article, dict) else ""
         for p, para in enumerate(_need(article, "paragraphs", list, path, f"article {a}")):
@@ -68,6 +69,9 @@ def load_squad_json(path: str, *, check_spans: bool = True) -> list[dict[str, An
             context = _need(para, "context", str, path, where)
             for q, qa in enumerate(_need(para, "qas", list, path, where)):
                 qid = _need(qa, "id", str, path, f"{where} question {q}")
+                if qid in seen:  # scoring keys by id: a repeat would silently be scored as one question
+                    raise HpmlError(f"{path}: question id {qid!r} appears twice; give every question a unique id")
+                seen.add(qid)
                 where_q = f"question {qid}"
                 question = _need(qa, "question", str, path, where_q)
                 texts, starts = [], []

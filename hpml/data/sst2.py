@@ -15,20 +15,22 @@ def read_tsv(path: str) -> dict[str, list]:
     if not os.path.isfile(path):
         raise HpmlError(f"SST-2 file {path} not found: data_dir must hold GLUE-format train.tsv and dev.tsv "
                         "(hpml make-data sst2 --out DIR writes a generated pair)")
+    from hpml.validate import read_text
+
     sentences, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        if header != HEADER:
-            raise HpmlError(f"{path}: header is {header!r}, expected 'sentence<TAB>label' (GLUE SST-2 format)")
-        for lineno, line in enumerate(f, start=2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or parts[1].strip() not in ("0", "1"):
-                raise HpmlError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {line[:60]!r}")
-            sentences.append(parts[0].strip())
-            labels.append(int(parts[1]))
+    lines = read_text(path, "the GLUE SST-2 TSV file", "hpml make-data sst2 --out DIR writes one").split("\n")
+    header = lines[0].rstrip("\r").split("\t")
+    if header != HEADER:
+        raise HpmlError(f"{path}: header is {header!r}, expected 'sentence<TAB>label' (GLUE SST-2 format)")
+    for lineno, line in enumerate(lines[1:], start=2):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or parts[1].strip() not in ("0", "1"):
+            raise HpmlError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {line[:60]!r}")
+        sentences.append(parts[0].strip())
+        labels.append(int(parts[1]))
     if not sentences:
         raise HpmlError(f"{path}: no rows after the header")
     return {"sentence": sentences, "label": labels}
@@ -53,6 +55,7 @@ def load_sst2(data_dir: Optional[str], split: str, max_samples: int = 0):
 
 def tokenize(ds, tokenizer, max_length: int):
     """Unpadded features (the collator pads per batch) with a `length` column for length grouping."""
+    import hashlib
 
     def fn(batch):
         enc = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
@@ -60,4 +63,8 @@ def tokenize(ds, tokenizer, max_length: int):
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenizing SST-2")
+    # An explicit fingerprint: without one, datasets hashes `fn` (a closure over the tokenizer) inside a bare
+    # `except`, which swallowed a Ctrl-C pressed during tokenization and the run went on.
+    key = f"{ds._fingerprint}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{max_length}|sst2-v1"
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenizing SST-2",
+                  new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])

@@ -33,6 +33,9 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
         raise UsageError(f"purpose must be empty or one of {', '.join(tracking.PURPOSES)}, got {purpose!r}")
     if not str(out or "").strip():
         raise UsageError("out must name a folder for the report, e.g. --out report")
+    from hpml.validate import check_writable_dir
+
+    check_writable_dir(out, "report out")  # a file or read-only folder fails here, not after the queries
     names = [n.strip() for n in (experiments or "").split(",") if n.strip()]
 
     uri = tracking.connect(tracking_uri, experiment=tracking.DEFAULT_EXPERIMENT["report"])
