@@ -45,11 +45,13 @@ SQUAD_PARAMS: list[Param] = _common("squad", model_default="bert-base-uncased", 
     Param("max_answer_length", "int", 30, "longest answer span in tokens"),
     Param("null_threshold", "float", 0.0, "predict no answer when null score - best span score > this"),
 ]
+MNLI_PARAMS: list[Param] = _common("mnli", model_default="bert-base-uncased", max_train=20000, batch=16,
+                                   eval_batch=32, max_len=128, epochs=2.0)
 VRAM_PARAMS: list[Param] = [
     Param("variant", "string", None, "variant ID (either task)"),
-    Param("task", "string", "", "squad | sst2; empty = the variant's own task"),
+    Param("task", "string", "", "squad | sst2 | mnli; empty = the variant's own task"),
     Param("batch_size", "int", 8, "batch size of the probed step (the study used 8)"),
-    Param("seq_len", "int", 0, "sequence length; 0 = 384 for squad, 128 for sst2"),
+    Param("seq_len", "int", 0, "sequence length; 0 = the task's default max_length (384 squad, 128 sst2/mnli)"),
     Param("precision", "string", "fp16", "autocast dtype of the probed step: fp16 (as the study) | bf16"),
     Param("model", "string", "bert-base-uncased", "hub ID, local checkpoint folder, 'minilm' or random:<size>"),
     Param("experiment", "string", "hpml-vram", "MLflow experiment for direct hpml commands"),
@@ -63,33 +65,77 @@ REPORT_PARAMS: list[Param] = [
     Param("purpose", "string", "", "only runs with this purpose tag (demo | test | real); empty = all"),
 ]
 
-COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "vram_probe": VRAM_PARAMS,
-                  "report": REPORT_PARAMS}
+COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "train_mnli": MNLI_PARAMS,
+                  "vram_probe": VRAM_PARAMS, "report": REPORT_PARAMS}
+TASK_PARAMS = {"squad": SQUAD_PARAMS, "sst2": SST2_PARAMS, "mnli": MNLI_PARAMS}
+
+
+def declared_default(param: Param) -> Any:
+    """A declared default as the Python value the run uses: "true|false" → bool, lr "" → None (the variant's)."""
+    if param.name == "register":
+        return str(param.default).lower() == "true"
+    if param.name == "lr":
+        return None if param.default in ("", None) else float(param.default)
+    return param.default
 
 
 @dataclass
 class TrainConfig:
-    """Resolved options of one training run (both tasks); logged as params verbatim."""
+    """Resolved options of one training run; logged as params verbatim.
+
+    Every field left out (None) takes its task's declared default (SQUAD_PARAMS, SST2_PARAMS, …): the
+    defaults live only in those declarations. Fields a task does not declare (doc_stride for SST-2) stay None
+    and are not logged.
+    """
 
     task: str
     variant: str
-    model: str
-    data_dir: str = ""
-    max_train_samples: int = 0
-    max_eval_samples: int = 0
-    epochs: float = 2.0
-    max_steps: int = 0
-    batch_size: int = 16
-    eval_batch_size: int = 32
-    max_length: int = 128
+    model: Optional[str] = None
+    data_dir: Optional[str] = None
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    eval_batch_size: Optional[int] = None
+    max_length: Optional[int] = None
     lr: Optional[float] = None  # None = the variant's own
-    seed: int = 42
-    experiment: str = ""
-    register: bool = True
-    purpose: str = "real"
+    seed: Optional[int] = None
+    experiment: Optional[str] = None
+    register: Optional[bool] = None
+    purpose: Optional[str] = None
     # SQuAD only
-    doc_stride: int = 128
-    n_best: int = 20
-    max_answer_length: int = 30
-    null_threshold: float = 0.0
+    doc_stride: Optional[int] = None
+    n_best: Optional[int] = None
+    max_answer_length: Optional[int] = None
+    null_threshold: Optional[float] = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for p in TASK_PARAMS.get(self.task, []):
+            if p.name != "variant" and getattr(self, p.name, None) is None:
+                setattr(self, p.name, declared_default(p))
+
+    def declared(self) -> dict[str, Any]:
+        """The task's declared options with their values (what the run logs under resolved.*)."""
+        names = [p.name for p in TASK_PARAMS[self.task]]
+        return {"task": self.task, **{n: getattr(self, n) for n in names}}
+
+
+@dataclass
+class ProbeConfig:
+    """Options of one vram_probe run; left-out fields take VRAM_PARAMS' declared defaults."""
+
+    variant: str
+    task: Optional[str] = None
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    precision: Optional[str] = None
+    model: Optional[str] = None
+    experiment: Optional[str] = None
+    purpose: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for p in VRAM_PARAMS:
+            if p.name != "variant" and getattr(self, p.name) is None:
+                setattr(self, p.name, declared_default(p))

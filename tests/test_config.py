@@ -8,7 +8,8 @@ from hpml.config import COMMAND_PARAMS
 
 from conftest import REPO
 
-CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "vram_probe": "vram-probe", "report": "report"}
+CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "train_mnli": "train-mnli",
+             "vram_probe": "vram-probe", "report": "report"}
 
 
 def mlproject():

@@ -48,6 +48,9 @@ def test_fp32_run_logs_everything_and_registers(sst2_dir, tracking_uri):
     assert tags[tracking.TAG_DEVICE] == "cpu" and tags["version.torch"] and tags[tracking.TAG_GIT_COMMIT]
     p = run.data.params
     assert p["resolved.lr"] == "2e-05" and p["resolved.precision"] == "fp32" and p["variant.trainable.mode"] == "full"
+    # what really ran, read from the trained model and the Trainer's wrapper
+    assert (tags[tracking.TAG_PRECISION], tags[tracking.TAG_ATTENTION], tags[tracking.TAG_COMPILED]) == (
+        "fp32", "sdpa", "no")
     mv = client.get_model_version_by_alias("hpml-sst2-fp32", tracking.CHAMPION)
     assert str(mv.version) == "1" and mv.run_id == run.info.run_id and mv.tags[tracking.TAG_VARIANT] == "fp32"
     assert float(mv.tags[tracking.M_ACCURACY]) == m[tracking.M_ACCURACY]
@@ -57,11 +60,13 @@ def test_lora_trains_exactly_adapters_and_head_and_reloads(sst2_dir, tracking_ur
     import mlflow
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from hpml.modeling import materialize_random, model_class
+    from hpml.modeling import materialize_random
+    from hpml.tasks import get_task
 
+    spec = get_task("sst2")
     summary = run_training(tiny("lora", sst2_dir))
     # PEFT's own count on the same architecture: adapters on query/value + the classifier head
-    base = model_class("sst2").from_pretrained(materialize_random("random:tiny", "sst2", str(tmp_path / "b"), 0))
+    base = spec.model_class().from_pretrained(materialize_random("random:tiny", spec, str(tmp_path / "b"), 0))
     peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32,
                                                  target_modules=["query", "value"], modules_to_save=["classifier"]))
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -85,6 +90,41 @@ def test_lora_trains_exactly_adapters_and_head_and_reloads(sst2_dir, tracking_ur
     export = mlflow.artifacts.download_artifacts(f"runs:/{summary['run_id']}/model/artifacts/export")
     assert os.path.isfile(os.path.join(export, "model", "adapter_config.json"))
     assert os.path.isfile(os.path.join(export, "model", "adapter_model.safetensors"))
+    assert_loads_without_hpml_installed("models:/hpml-sst2-lora@champion", dev["sentence"][:4],
+                                        [r["label"] for r in expected[:4]])
+
+
+# A process in which hpml cannot be imported: the editable install's finder and path entries of this
+# checkout are removed before anything else runs. The model must bring hpml itself (code_paths).
+_NO_HPML = """
+import importlib.util, json, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path = [p for p in sys.path if p.rstrip("/") not in {roots!r}]
+assert importlib.util.find_spec("hpml") is None, "hpml is still importable"
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model({uri!r})
+print(json.dumps(model.predict(pd.DataFrame({{"text": {texts!r}}}))["label"].tolist()))
+print(json.dumps(sorted(m for m in sys.modules if m == "hpml" or m.startswith("hpml."))[:1]))
+"""
+
+
+def assert_loads_without_hpml_installed(uri: str, texts: list, labels: list) -> None:
+    """The registered model loads and predicts where hpml is not installed: only its logged requirements."""
+    import subprocess
+    import sys
+
+    import hpml
+    from conftest import REPO
+
+    roots = (str(REPO), os.path.dirname(os.path.dirname(hpml.__file__)), os.getcwd())
+    code = _NO_HPML.format(roots=roots, uri=uri, texts=list(texts))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    got, loaded_from = out.stdout.strip().splitlines()[-2:]
+    assert json.loads(got) == labels
+    assert json.loads(loaded_from) == ["hpml"]  # imported, from the model's own code copy
 
 
 def assert_nothing_written(client):
