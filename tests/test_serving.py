@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from hpml import cli, serving, tracking, training
+from hpml.tasks import get_task
 from hpml.config import TrainConfig
 from hpml.data import squad
 from hpml.data.sst2 import read_tsv
@@ -139,7 +140,7 @@ def test_registered_version_is_safetensors_with_its_tags(store, key):
         assert meta["kind"] == "full" and {"model/model.safetensors", "model/config.json"} <= files
     in_store(store)
     mv = MlflowClient().get_model_version(f"hpml-{task}-{variant}", "1")
-    headline = tracking.HEADLINE[task]
+    headline = get_task(task).headline
     assert mv.tags[tracking.TAG_VARIANT] == variant and mv.tags["run_id"] == summary["run_id"]
     assert float(mv.tags[headline]) == pytest.approx(summary["metrics"][headline])
     assert mv.tags[tracking.TAG_PURPOSE] == "test" and mv.tags[tracking.TAG_FINGERPRINT]
@@ -203,8 +204,11 @@ def register_copy(store, key, variant, edit, purpose="test"):
     in_store(store)
     mlflow.set_experiment("hpml-serving-test")
     tags = {tracking.TAG_VARIANT: variant, tracking.TAG_PURPOSE: purpose, tracking.TAG_FINGERPRINT: "edited"}
+    spec = get_task(key[0])
+    name = tracking.registered_model_name(key[0], variant)
     with mlflow.start_run():
-        name, version, _ = tracking.register_model(str(dst), key[0], variant, {tracking.HEADLINE[key[0]]: 0.5}, tags)
+        version, _ = tracking.register_model(str(dst), name, serving.model_spec(spec, quantized=False),
+                                             spec.headline, {spec.headline: 0.5}, tags)
     return name, version, dst
 
 

@@ -174,10 +174,12 @@ def test_mlflow_run_with_a_bad_file_ends_failed(sst2_dir, tracking_uri, tmp_path
 def test_real_sst2_with_minilm_through_mlflow_run(tracking_uri, tmp_path):
     """all-MiniLM-L6-v2 on the first 4,000 real SST-2 rows, 1 epoch, full dev set: a real accuracy check.
 
-    The 0.84 bar sits at this recipe's mean, not below its spread: over ten seeded runs on the H100
-    (benchmarks/sst2_seeds.py, docs/benchmarks.md) accuracy was 0.833-0.851, mean 0.838; on this CPU seeds
-    42/1/2 gave 0.825/0.845/0.829. Seed 1 is pinned: a CPU run with a fixed seed repeats exactly, so the
-    test is stable, while a broken pipeline (labels, head, schedule, tokenization) lands far below 0.84."""
+    The bar, 0.80, sits below this recipe's whole measured seed spread with margin: over ten seeded runs on
+    the H100 (benchmarks/sst2_seeds.py, docs/benchmarks.md) accuracy was 0.833-0.851, and on this CPU seeds
+    42/1/2 gave 0.825/0.845/0.829; the issue's measured spread is 0.826-0.851. So any seed passes, and no seed
+    is chosen because it passes (this runs the declared default seed). A broken pipeline (labels, head,
+    schedule, tokenization) stays near 0.5; the study's own slower recipe (lr 2e-5) gets ~0.79-0.80.
+    register=false: the registry path is covered on tiny models; this test is about accuracy."""
     minilm_or_skip()
     data = tmp_path / "sst2"
     data.mkdir()
@@ -186,7 +188,7 @@ def test_real_sst2_with_minilm_through_mlflow_run(tracking_uri, tmp_path):
     (data / "dev.tsv").write_text((SST2_REAL / "dev.tsv").read_text())
     # lr 1e-4: at the study's 2e-5 one epoch of 4,000 rows reaches only ~0.80 (CONVENTIONS.md)
     out = mlflow_run("train_sst2", {"variant": "fp32", "model": "minilm", "data_dir": data, "epochs": 1,
-                                    "max_train_samples": 4000, "lr": "1e-4", "seed": 1, "purpose": "test"},
+                                    "max_train_samples": 4000, "lr": "1e-4", "purpose": "test", "register": "false"},
                      experiment="hpml-sst2")
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(tracking_uri)
@@ -194,10 +196,8 @@ def test_real_sst2_with_minilm_through_mlflow_run(tracking_uri, tmp_path):
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     print(f"real SST-2 dev accuracy {m[tracking.M_ACCURACY]:.4f}")  # shown with pytest -rP
-    assert m[tracking.M_ACCURACY] >= 0.84, m[tracking.M_ACCURACY]
+    assert m[tracking.M_ACCURACY] >= 0.80, m[tracking.M_ACCURACY]
     for key in COMMON:
         assert key in m, key
     assert m[tracking.M_TOTAL] == 22_713_986  # MiniLM-L6 (22.7M) + a 2-way classifier head
     assert run.data.params["variant"] == "fp32" and run.data.params["resolved.max_train_samples"] == "4000"
-    (mv,) = client.search_model_versions("name='hpml-sst2-fp32'")
-    assert mv.run_id == run.info.run_id
