@@ -125,7 +125,7 @@ def test_table1_lists_the_whole_catalog():
     assert rows.loc["c1", "requires CUDA"] == "yes" and rows.loc["qlora", "requires CUDA"] == "yes"
     assert rows.loc["fp32", "study label"] == "BERT FP32"
     assert rows.loc["bf16", "study label"] == MISSING
-    assert "bf16, lora: hpml additions, in neither study (study label —)." in t.footnotes
+    assert "bf16, lora, mnli-full, mnli-lora: hpml additions, in neither study (study label —)." in t.footnotes
 
 
 def test_table2_a_series(runs):
@@ -214,12 +214,12 @@ def test_table_sst2(runs):
     assert "bf16, lora: hpml additions; study 2 has no numbers for them." in t.footnotes
 
 
-def test_study_numbers_are_the_published_ones():
-    assert study.SQUAD_RESULTS["a4-nb"].f1 == 77.23 and study.SQUAD_RESULTS["c2"].train_samples_per_s is None
+def test_study_numbers_cover_the_catalog_and_agree_with_each_other():
+    # (Comparing each transcribed constant with the same literal again could not fail; these can.)
     assert set(study.SQUAD_RESULTS) == {v.id for v in CATALOG if v.task == "squad"}
-    assert study.VRAM_RESULTS["c1"].peak_allocated_mib == 2465.9
-    assert round(study.SST2_RESULTS["qlora"].trainable_pct, 2) == 0.54
-    assert study.STUDY_DEVICE == "T4"
+    assert set(study.SST2_RESULTS) <= {v.id for v in CATALOG if v.task == "sst2"}
+    for r in study.SQUAD_RESULTS.values():
+        assert r.f1 >= r.em  # F1 gives partial credit, so it is never below EM
 
 
 def test_small_data_and_mixed_runs_are_flagged(runs):
