@@ -212,6 +212,7 @@ def register_copy(store, key, variant, edit, purpose="test"):
     return name, version, dst
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback; on CUDA the 4-bit base loads")
 def test_qlora_adapter_runs_on_cpu_over_the_full_precision_base(store, cli_predictions):
     """A QLoRA export (quantization nf4) on a machine without CUDA: one note, then the fp32 base's answers."""
     name, version, _ = register_copy(store, ("sst2", "lora"), "qlora", {"quantization": "nf4", "compute_dtype": "fp16"})
