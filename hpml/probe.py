@@ -75,15 +75,16 @@ def run_probe(cfg: ProbeConfig) -> dict[str, float]:
     return metrics
 
 
-def measure(variant: Variant, task: str, cfg: ProbeConfig, seq_len: int, work: str) -> dict[str, float]:
+def measure(variant: Variant, task: str, cfg: ProbeConfig, seq_len: int, work: str,
+            device: str = "cuda") -> dict[str, float]:
     """Two Trainer steps: the first warms up (optimizer state, compiled graphs, allocator), then peaks are
-    reset and the second, optimizer step included, is measured."""
+    reset and the second, optimizer step included, is measured. (`device`: tests run the steps on a CPU.)"""
     from transformers import TrainerCallback
 
     from hpml.training import build_trainer
 
     spec = get_task(task)
-    built = modeling.apply_techniques(variant, spec, cfg.model, work, seed=0, device="cuda", precision=cfg.precision)
+    built = modeling.apply_techniques(variant, spec, cfg.model, work, seed=0, device=device, precision=cfg.precision)
     features = synthetic_features(spec, 2 * cfg.batch_size, seq_len, built.model.config.vocab_size)
     run_cfg = TrainConfig(task=task, variant=variant.id, model=cfg.model, batch_size=cfg.batch_size,
                           max_length=seq_len, max_steps=2, seed=0)
@@ -106,7 +107,7 @@ def measure(variant: Variant, task: str, cfg: ProbeConfig, seq_len: int, work: s
                 seen["reserved"] = torch.cuda.max_memory_reserved()
                 seen["optimizer"] = optimizer_state_bytes(optimizer)
 
-    trainer = build_trainer(spec, variant, run_cfg, built, Prepared(features, None, None, ""), work, "cuda",
+    trainer = build_trainer(spec, variant, run_cfg, built, Prepared(features, None, None, ""), work, device,
                             callbacks=[Meter()])
     trainer.train()
     model = built.model
