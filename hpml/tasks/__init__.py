@@ -91,17 +91,15 @@ def file_digest(path: str) -> str:
 def hub_revision(repo: str) -> str:
     """The commit of a hub dataset the run reads: asked from the hub, else read from the local hub cache
     (offline runs load from there). 'unresolved' only where neither knows, and then loading fails anyway."""
-    try:
-        from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "TRUE"):
+    if not constants.HF_HUB_OFFLINE:
+        try:
             return HfApi().dataset_info(repo, timeout=10).sha
-    except Exception:  # no network: fall back to the cache's record of "main"
-        pass
+        except Exception:  # no network or no such dataset: fall back to the cache's record of "main"
+            pass
     try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        ref = os.path.join(HF_HUB_CACHE, f"datasets--{repo.replace('/', '--')}", "refs", "main")
+        ref = os.path.join(constants.HF_HUB_CACHE, f"datasets--{repo.replace('/', '--')}", "refs", "main")
         with open(ref) as f:
             return f.read().strip()
     except OSError:
