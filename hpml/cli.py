@@ -36,7 +36,10 @@ def one_line_errors(f):
         try:
             return f(*args, **kwargs)
         except HpmlError as exc:
-            click.echo(f"hpml: error: {exc}", err=True)
+            from hpml import launch
+
+            if not launch.in_worker():  # a data-parallel worker's error is reported once, by its launcher
+                click.echo(f"hpml: error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
     return run
@@ -78,12 +81,32 @@ def variants_cmd(task):
 
 
 def _train(task: str, kw: dict):
+    from hpml import launch
     from hpml.training import run_training
 
     spec = get_task(task)
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
-    summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
+    if not launch.in_worker():
+        from hpml.variants import get_variant
+
+        launch.check(get_variant(cfg.variant, task), cfg.nproc, cfg.batch_size, cfg.eval_batch_size)
+    if cfg.nproc > 1 and not launch.in_worker():
+        # The workers run this same command; they find themselves inside the job and train.
+        argv = [f"train-{task}"] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", "" if v is None else str(v))]
+        launch.launch(argv, cfg.nproc)
+        return
+    if launch.in_worker():
+        launch.quiet_other_ranks()
+        try:
+            summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
+        except BaseException as exc:
+            launch.record_error(str(exc) if isinstance(exc, HpmlError) else f"{type(exc).__name__}: {exc}")
+            raise
+        if not launch.context().is_main:
+            return
+    else:
+        summary = run_training(cfg, inputs={k: "" if v is None else v for k, v in kw.items()})
     m = summary["metrics"]
     shown = ", ".join(f"{k}={m[k]:.4g}" for k in spec.shown + ("train_runtime_s", "train_samples_per_s") if k in m)
     click.echo(f"run {summary['run_id']} ({summary['variant']}): {shown}")

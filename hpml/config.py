@@ -33,6 +33,8 @@ def _common(task: str, *, model_default: str, max_train: int, batch: int, eval_b
               "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
         Param("register", "string", "true", "register the model in the MLflow Model Registry (true|false)"),
         Param("purpose", "string", "real", "tag separating demo | test | real runs in the report and aliases"),
+        Param("nproc", "int", 1, "data-parallel worker processes (one per GPU) started by torchrun; batch_size "
+              "and eval_batch_size are then global batches split evenly over them"),
     ]
 
 
@@ -104,6 +106,7 @@ class TrainConfig:
     experiment: Optional[str] = None
     register: Optional[bool] = None
     purpose: Optional[str] = None
+    nproc: Optional[int] = None  # data-parallel workers (hpml.launch); batch sizes are global
     # SQuAD only
     doc_stride: Optional[int] = None
     n_best: Optional[int] = None

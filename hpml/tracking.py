@@ -164,6 +164,22 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
     mlflow.end_run("FINISHED")
 
 
+TAG_ERROR = "error"  # one line: why a run ended FAILED or KILLED outside its own process (hpml.launch)
+
+
+def fail_run(run_id: str, message: str, status: str = "FAILED") -> None:
+    """End a run that its own process could not end (a data-parallel job whose worker died): tag the error,
+    delete any registry version it made (a failed run registers nothing) and set the status."""
+    from mlflow import MlflowClient
+
+    connect()
+    client = MlflowClient()
+    client.set_tag(run_id, TAG_ERROR, message[:5000])
+    for mv in client.search_model_versions(f"run_id='{run_id}'"):
+        client.delete_model_version(mv.name, mv.version)
+    client.set_terminated(run_id, status)
+
+
 def log_params(params: dict[str, object]) -> None:
     import mlflow
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from hpml import export, modeling, serving, tracking
+from hpml import export, launch, modeling, serving, tracking
 from hpml.config import TrainConfig
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
@@ -53,12 +53,13 @@ def training_arguments(cfg: TrainConfig, variant: Variant, built: modeling.Built
     (built.arguments), then `overrides` (the VRAM probe's two steps, a resumed run's settings)."""
     from transformers import TrainingArguments
 
+    world = launch.context().world  # batch sizes are global: each of `world` processes takes its share
     run_level = dict(
         output_dir=out_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
+        per_device_train_batch_size=cfg.batch_size // world,
+        per_device_eval_batch_size=max(1, cfg.eval_batch_size // world),
         learning_rate=cfg.lr if cfg.lr is not None else variant.optimizer.lr,
         remove_unused_columns=False,  # the collator drops bookkeeping columns itself
         eval_strategy="epoch" if per_epoch_eval else "no",
@@ -69,6 +70,10 @@ def training_arguments(cfg: TrainConfig, variant: Variant, built: modeling.Built
         seed=cfg.seed,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if world > 1 else None,
+        # Frozen weights (BitFit, freezing, LoRA) have requires_grad=False and are not DDP's concern; the
+        # default (True) would walk the autograd graph every step looking for unused ones.
+        ddp_find_unused_parameters=False,
     )
     return TrainingArguments(**{**run_level, **built.arguments, **overrides})
 
@@ -97,12 +102,16 @@ def make_callback(samples_per_step: int, device: str):
                     self.steady = steps * samples_per_step / (now - self.warm_time)
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero:
+                return  # Trainer's logged loss is already averaged over ranks; rank 0 alone talks to MLflow
             keep = {f"train_{k}_running" if k == "loss" else k: v for k, v in (logs or {}).items()
                     if k in ("loss", "learning_rate", "grad_norm")}
             if keep:
                 tracking.log_metrics(keep, step=state.global_step)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if not state.is_world_process_zero:
+                return
             acc = (metrics or {}).get("eval_accuracy")
             if acc is not None:
                 tracking.log_metrics({tracking.M_ACCURACY: acc}, step=int(round(state.epoch or 0)))
@@ -200,35 +209,45 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         # Inputs are validated before the run exists, so a bad file or model leaves no run behind.
         model_ref = modeling.resolve_model_ref(cfg.model)
         tokenizer = modeling.load_tokenizer(model_ref)
-        prep = spec.prepare(cfg, tokenizer, cache_dir())
+        dist = launch.context()
+        with launch.main_first():  # rank 0 tokenizes and caches; the other ranks then load its cache
+            prep = spec.prepare(cfg, tokenizer, cache_dir())
         tags = {tracking.TAG_VARIANT: variant.id, tracking.TAG_PURPOSE: cfg.purpose,
                 tracking.TAG_FINGERPRINT: prep.fingerprint, tracking.TAG_PRECISION: precision}
         params = resolve_params(cfg, variant, precision)
         tags[tracking.TAG_CONFIG_HASH] = fingerprint({k: str(v) for k, v in params.items()
                                                      if k not in ("experiment", "register")})
+        if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
+            return _train_in_run(spec, variant, cfg, prep, device, work, "", tags)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params) as run_id:
+            launch.record_run_id(run_id)
             return _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags) -> dict[str, object]:
+    main = launch.context().is_main
     memory.reset_peak(device)
     built = modeling.apply_techniques(variant, spec, cfg.model, work, cfg.seed, device)
-    tracking.log_metrics(built.counts.as_metrics())
+    if main:
+        tracking.log_metrics(built.counts.as_metrics())
     trainer = build_trainer(spec, variant, cfg, built, prep, os.path.join(work, "trainer"), device)
     result = trainer.train()
-    tracking.set_tags(ran_with(trainer))
+    if main:
+        tracking.set_tags(ran_with(trainer))
     last_epoch = max(1, int(round(trainer.state.epoch or 0)))  # final metrics sit at the last epoch's step
     progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
     metrics = {tracking.M_TRAIN_LOSS: result.training_loss,
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
                tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
                tracking.M_TRAIN_SPS: result.metrics["train_samples_per_second"],
-               **memory.peak_train(device)}
+               **launch.max_over_ranks(memory.peak_train(device))}  # per-GPU peak: the max over ranks
     artifacts = os.path.join(work, "artifacts")
     os.makedirs(artifacts)
-    metrics.update(evaluate(trainer, spec, prep, cfg, artifacts))
+    metrics.update(evaluate(trainer, spec, prep, cfg, artifacts))  # every rank: predict gathers across ranks
+    if not main:
+        return {"run_id": "", "variant": variant.id, "metrics": metrics}
     export_dir = export.write_export(
         os.path.join(work, "export"), built.model, built.tokenizer, spec=spec, variant=variant,
         base_ref=built.base_path, base_is_local_copy=built.base_is_materialized, settings=spec.export_settings(cfg))
