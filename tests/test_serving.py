@@ -224,8 +224,9 @@ def test_qlora_adapter_runs_on_cpu_over_the_full_precision_base(store, cli_predi
 
 
 def test_missing_base_is_one_line_and_base_model_fixes_it(store, cli_predictions):
-    name, version, dst = register_copy(store, ("sst2", "lora"), "lora", {"base_model": "hpml-tests/no-such-bert"},
-                                       purpose="demo")
+    # Its own registered name: under the champion rule a copy on other data would take lora's champion alias.
+    name, version, dst = register_copy(store, ("sst2", "lora"), "lora-nobase",
+                                       {"base_model": "hpml-tests/no-such-bert"}, purpose="demo")
     uri = f"models:/{name}/{version}"
     out = run_cmd(["hpml", "predict", "--model", uri, "--text", "a fine film"], env={"MLFLOW_TRACKING_URI": store.uri})
     assert out.returncode == 1 and "Traceback" not in out.stderr
