@@ -6,8 +6,6 @@ import pytest
 from hpml.errors import UsageError
 from hpml.variants import CATALOG, Lora, Memory, Trainable, Variant, get_variant, variants_for
 
-from conftest import last_line, run_cmd
-
 STUDY1 = ["a1", "a2", "a3", "a4-nb", "a4-b", "b1", "b2", "b3", "c1", "c2-8", "c2", "d1"]
 
 

@@ -1,4 +1,4 @@
-"""SST-2: read GLUE-format TSV files (or the hub's GLUE sst2), validate them, tokenize for classification."""
+"""SST-2: read GLUE-format TSV files (or the hub's GLUE sst2) and validate them (tasks/classification.py tokenizes)."""
 from __future__ import annotations
 
 import os
@@ -50,15 +50,3 @@ def load_sst2(data_dir: Optional[str], split: str, max_samples: int = 0, revisio
     if max_samples and max_samples < len(ds):
         ds = ds.select(range(max_samples))
     return ds
-
-
-def tokenize(ds, tokenizer, max_length: int):
-    """Unpadded features (the collator pads per batch) with a `length` column for length grouping."""
-
-    def fn(batch):
-        enc = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
-        enc["labels"] = batch["label"]
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return enc
-
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenizing SST-2")
