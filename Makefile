@@ -1,17 +1,19 @@
 # The two commands the README starts with: `make demo` and `make test`. Both create .venv when missing.
 VENV ?= .venv
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hpml-installed
 # MLproject commands run `python …`: with the venv first on PATH that is the venv's, activated or not.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test ui clean
+.PHONY: install demo test ui server clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build first: an unpinned torch would pull several GB of CUDA packages.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned, from TORCH_INDEX when given (https://download.pytorch.org/whl/cpu = the CPU build);
+	# otherwise from pip's index, where PyPI's Linux wheel is the CUDA build (several GB).
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -25,6 +27,11 @@ test: install
 
 ui:
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# A team tracking server (docs/team-server.md): PostgreSQL from `apt-get install postgresql`, basic-auth
+# users. HPML_SERVER_DB names the database; the first start needs MLFLOW_AUTH_ADMIN_PASSWORD.
+server: install
+	$(VENV)/bin/hpml server $(SERVER_ARGS)
 
 clean:
 	rm -rf demo-data report mlruns mlartifacts mlflow.db

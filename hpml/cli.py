@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from hpml.config import REPORT_PARAMS, VRAM_PARAMS, Param, TrainConfig
+from hpml.config import (BENCH_PARAMS, REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
+                         small_run_note)
 from hpml.tasks import all_tasks, get_task, task_names
 from hpml.errors import HpmlError
 
@@ -87,6 +88,9 @@ def _train(task: str, kw: dict):
     spec = get_task(task)
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
+    note = small_run_note(task, cfg.purpose, cfg.max_steps, cfg.max_train_samples)
+    if note and not launch.in_worker():
+        click.echo(f"hpml: note: {note}", err=True)
     if not launch.in_worker():
         from hpml.variants import get_variant
 
@@ -154,6 +158,18 @@ def vram_probe(**kw):
     click.echo(", ".join(f"{k}={v:.1f}" for k, v in m.items() if k.endswith("_mib")))
 
 
+@main.command("bench")
+@options(BENCH_PARAMS)
+@one_line_errors
+def bench(**kw):
+    """Speed side by side: the study's Trainer recipe, then each variant's technique (one process, one table)."""
+    from hpml.bench import BenchConfig, run_bench
+
+    if kw["purpose"] not in ("demo", "test", "real"):
+        raise HpmlError(f"purpose must be one of demo, test, real, got {kw['purpose']!r}")
+    run_bench(BenchConfig(**{**kw, "log": parse_bool("log", kw["log"])}), echo=click.echo)
+
+
 @main.command("score")
 @click.option("--data", "data_path", required=True, help="official-format SQuAD v2 JSON (dev-v2.0.json)")
 @click.option("--preds", "preds_path", required=True, help="predictions JSON {question id: answer text}")
@@ -192,6 +208,18 @@ def report(**kw):
     run_report(**kw)
 
 
+@main.command("series")
+@click.argument("name")
+@options(SERIES_PARAMS[1:])
+@one_line_errors
+def series(name, **kw):
+    """Run a study table (squad-a, squad-b, squad-c, sst2, all) or a comma list of variants × seeds as nested
+    MLflow runs under one parent, then its report. The same command again resumes: finished runs are kept."""
+    from hpml.series import run_series
+
+    run_series(name, **kw)
+
+
 @main.command("models")
 @click.option("--task", type=click.Choice(task_names()), default=None, help="only this task's models")
 @one_line_errors
@@ -211,6 +239,36 @@ def models_cmd(task):
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@main.command("server")
+@click.option("--backend-store-uri", default=None,
+              help="PostgreSQL URI of the tracking database (created if missing) [default: $HPML_SERVER_DB, "
+                   "else postgresql://hpml@127.0.0.1:5432/hpml]")
+@click.option("--auth-database-uri", default="",
+              help="PostgreSQL URI of the users/permissions database [default: the same server, <db>_auth]")
+@click.option("--artifacts-destination", default="mlartifacts", show_default=True,
+              help="where the server stores artifacts: a local folder or any MLflow artifact URI (s3://, gs://, ...)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (0.0.0.0 for the LAN)")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True, help="server worker processes")
+@click.option("--default-permission", default="READ", show_default=True,
+              help="what every user may do on experiments/models nobody granted them: READ, USE, EDIT, MANAGE, "
+                   "NO_PERMISSIONS")
+@click.option("--allowed-hosts", default="", help="Host headers to accept beyond localhost/private IPs "
+                                                  "(mlflow server --allowed-hosts)")
+@one_line_errors
+def server_cmd(backend_store_uri, auth_database_uri, artifacts_destination, host, port, workers,
+               default_permission, allowed_hosts):
+    """A team tracking server: mlflow server on PostgreSQL with proxied artifacts and basic-auth users.
+    The first start needs MLFLOW_AUTH_ADMIN_PASSWORD (the admin's password)."""
+    from hpml import server
+
+    cfg = server.ServerConfig(
+        backend_store_uri=backend_store_uri or os.environ.get("HPML_SERVER_DB") or server.DEFAULT_DB_URI,
+        auth_database_uri=auth_database_uri, artifacts_destination=artifacts_destination, host=host, port=port,
+        workers=workers, default_permission=default_permission.upper(), allowed_hosts=allowed_hosts)
+    sys.exit(server.serve(cfg, echo=click.echo))
 
 
 @main.command("predict")

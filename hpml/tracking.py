@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from typing import Iterator, Optional
@@ -20,13 +21,20 @@ TAG_FINGERPRINT = "data_fingerprint"
 TAG_GIT_COMMIT = "git_commit"
 TAG_DEVICE = "device"  # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
 TAG_CONFIG_HASH = "config_hash"
+TAG_RECIPE = "recipe_hash"  # config hash without the seed, + data fingerprint: runs that are seed repeats
 TAG_PRECISION = "precision"  # what ran: fp32 | fp16 | bf16 (autocast) | nf4-fp16 | nf4-bf16 (4-bit base)
 TAG_ATTENTION = "attention"  # the attention implementation the trained model really used (eager | sdpa)
 TAG_COMPILED = "compiled"  # the torch.compile backend the Trainer really wrapped the model with, or "no"
 TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
+TAG_DESCRIPTION = "mlflow.note.content"  # the run's description in the UI: variant, model, seed, data
+TAG_PARENT = "mlflow.parentRunId"  # nested runs: a series' children point at its parent run
+TAG_SERIES = "series"  # a series' name, on its parent and on every child
+TAG_SERIES_KEY = "series_key"  # the parent's identity: the same command finds (and resumes) the same parent
+TAG_SERIES_CHILD = "series_child"  # a child's slot in its series: "<variant>/seed<N>" or "report"
+TAG_SERIES_RESUMED = "series_resumed_into"  # on a run `mlflow run` made for a resumed series: the parent
 
 PURPOSES = ("demo", "test", "real")
-TASKS = ("squad", "sst2", "mnli", "vram", "report")
+TASKS = ("squad", "sst2", "mnli", "vram", "report", "series")
 
 # Metrics shared by both tasks (units in the names)
 M_TRAIN_LOSS = "train_loss"
@@ -65,7 +73,7 @@ M_MEM_OPTIMIZER = "vram_optimizer_mib"
 M_MEM_ACTIVATIONS = "vram_activations_mib"
 
 DEFAULT_EXPERIMENT = {"squad": "hpml-squad", "sst2": "hpml-sst2", "mnli": "hpml-mnli", "vram": "hpml-vram",
-                      "report": "hpml-report"}
+                      "report": "hpml-report", "series": "hpml-series", "bench": "hpml-bench"}
 CHAMPION = "champion"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -82,22 +90,108 @@ def tracking_uri(explicit: str = "") -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def connect(explicit: str = "") -> str:
-    """Point MLflow at the store; for a server, fail fast (5 s) instead of the client's ~4 min of retries."""
+def connect(explicit: str = "", experiment: str = "", model: str = "") -> str:
+    """Point MLflow at the store; for a server, fail fast (5 s, no retries) with one line instead of the
+    client's ~4 min of retries or a 401/403 traceback halfway through a run.
+
+    A server is checked in order: /health (reachable), an experiments search with the client's credentials
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: 401 = wrong or missing, 403 = no read access),
+    then, on a basic-auth server and for a non-admin, EDIT on `experiment` and on the registered `model`
+    where they already exist (a missing one the user creates and then manages)."""
     import mlflow
 
     uri = tracking_uri(explicit)
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-                ok = resp.status == 200
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise HpmlError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
-                            "(mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db")
-        if not ok:
-            raise HpmlError(f"tracking server {uri} answered /health with an error: check the server's log")
+        _check_server(uri.rstrip("/"), experiment, model)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+CAN_WRITE = ("EDIT", "MANAGE")  # basic-auth permissions that may log runs / add model versions
+
+
+def _check_server(uri: str, experiment: str, model: str) -> None:
+    try:
+        with urllib.request.urlopen(uri + "/health", timeout=5) as resp:
+            ok = resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise HpmlError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
+                        "(mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db")
+    if not ok:
+        raise HpmlError(f"tracking server {uri} answered /health with an error: check the server's log")
+    # /health answers everyone: only an authenticated endpoint tells whether the credentials work.
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)  # the env variables MLflow's client itself reads
+    user = creds.username or ""
+    status, _ = _get(uri, "/api/2.0/mlflow/experiments/search?max_results=1", creds)
+    if status == 401:
+        if not user:
+            raise HpmlError(f"tracking server {uri} requires a login: set MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD to a user its admin created")
+        raise HpmlError(f"tracking server {uri} rejected the password of user {user!r} (401): check "
+                        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or ask the server's admin to reset it")
+    if status == 403:
+        raise HpmlError(f"user {user!r} may not read experiments on {uri} (403): ask the server's admin for READ")
+    if status != 200:
+        raise HpmlError(f"tracking server {uri} answered an experiments search with HTTP {status}: check the server's log")
+    if not (experiment or model) or not user:
+        return
+    status, me = _get(uri, "/api/2.0/mlflow/users/current", creds)
+    if status != 200 or me.get("user", {}).get("is_admin"):
+        return  # no basic-auth app (nothing to check), or an admin, who may do everything
+    targets = []
+    if experiment and not os.environ.get("MLFLOW_RUN_ID"):  # under mlflow run the run exists already
+        status, found = _get(uri, "/api/2.0/mlflow/experiments/get-by-name?"
+                             + urllib.parse.urlencode({"experiment_name": experiment}), creds)
+        if status == 200:
+            targets.append(("experiment", found["experiment"]["experiment_id"], f"experiment {experiment!r}",
+                            "logging runs into it", "choose another experiment"))
+        elif status == 403:
+            raise HpmlError(f"user {user!r} may not read experiment {experiment!r} on {uri} (403): ask its owner or "
+                            "the server's admin for EDIT (docs/team-server.md), or choose another experiment")
+    if model:
+        status, _ = _get(uri, "/api/2.0/mlflow/registered-models/get?" + urllib.parse.urlencode({"name": model}),
+                         creds)
+        if status == 200:
+            targets.append(("registered_model", model, f"registered model {model!r}",
+                            "registering a version of it", "train with register=false"))
+        elif status == 403:
+            raise HpmlError(f"user {user!r} may not read registered model {model!r} on {uri} (403): ask its owner "
+                            "or the server's admin for EDIT (docs/team-server.md), or train with register=false")
+    for rtype, rid, label, action, alternative in targets:
+        query = urllib.parse.urlencode({"username": user, "resource_type": rtype, "resource_id": rid})
+        status, perm = _get(uri, "/api/3.0/mlflow/users/permissions/get?" + query, creds)
+        if status == 200 and perm.get("permission") not in CAN_WRITE:
+            raise HpmlError(f"user {user!r} has {perm.get('permission')} on {label} at {uri}, and {action} needs "
+                            f"EDIT (403): ask its owner or the server's admin to grant it (docs/team-server.md), "
+                            f"or {alternative}")
+
+
+def _get(uri: str, path: str, creds) -> tuple[int, dict]:
+    """One GET with the client's credentials, no retries: (HTTP status, JSON body or {}). 30 s: the server
+    answered /health, so a slow answer means a busy server (the first request of each worker sets it up), not
+    a dead one."""
+    import base64
+    import json
+
+    req = urllib.request.Request(uri + path)
+    if creds.username and creds.password:
+        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    elif creds.token:
+        req.add_header("Authorization", f"Bearer {creds.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise HpmlError(f"tracking server {uri} stopped answering ({getattr(exc, 'reason', exc)}): check the server")
+    try:
+        return status, json.loads(body or b"{}")
+    except ValueError:
+        return status, {}
 
 
 # ---- provenance tags ----------------------------------------------------------------------------------
@@ -131,18 +225,19 @@ def device_name() -> str:
 # ---- runs ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs: dict[str, object],
-        resolved: dict[str, object]) -> Iterator[str]:
+        resolved: dict[str, object], *, system_metrics: bool = False) -> Iterator[str]:
     """One MLflow run: joins the run `mlflow run` created (MLFLOW_RUN_ID), else creates one in `experiment`.
 
     Params: the inputs as given under their plain names (mlflow run logs those itself, as typed) and the
     resolved configuration under `resolved.*` / `variant.*`, so every run has the same keys either way.
     Ends FINISHED only when the body returns; any exception ends it FAILED and propagates.
+    `system_metrics`: MLflow samples CPU/GPU utilisation, memory and power every 10 s into `system/*` metrics.
     """
     import mlflow
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
-        active = mlflow.start_run(run_id=run_id)
+        active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         exp = mlflow.get_experiment(active.info.experiment_id)
         if experiment and experiment not in (exp.name, DEFAULT_EXPERIMENT.get(task)):
             mlflow.end_run("FAILED")
@@ -150,7 +245,7 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
                              f"{exp.name!r}: use mlflow run --experiment-name {experiment} instead")
     else:
         exp = mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT[task])
-        active = mlflow.start_run(run_name=run_name)
+        active = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
     try:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
                          TAG_DEVICE: device_name(), **library_versions(), **tags})
@@ -162,6 +257,52 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def child_run(task: str, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+    """A run nested in the active one (`hpml bench` rows): FINISHED when the body returns, else FAILED."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name, nested=True) as active:
+        mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_DEVICE: device_name(), **tags})
+        yield active.info.run_id
+
+
+def log_text(text: str, name: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, name)
+
+
+def system_metrics_wanted(device: str) -> bool:
+    """On by default on CUDA (GPU utilisation, memory, power in the UI); MLflow's own switch
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off (=true turns them on on a CPU too)."""
+    value = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower()
+    if value:
+        return value in ("true", "1", "yes")
+    return device == "cuda"
+
+
+def log_datasets(inputs: list[dict]) -> None:
+    """Log each dataset the run read as an MLflow input (the UI's Datasets column): name, digest, source
+    (a local file, or hub ID + config + split + revision) and context (train | eval). Only metadata travels:
+    logging the rows would copy the data into the store."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for item in inputs:
+        if "path" in item:
+            with warnings.catch_warnings():  # MLflow registers the local source twice and says so each time
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(item["path"])
+        else:
+            hub = item["hub"]
+            source = HuggingFaceDatasetSource(path=hub["path"], config_name=hub["config_name"], split=hub["split"],
+                                              revision=hub["revision"])
+        mlflow.log_input(MetaDataset(source, name=item["name"], digest=item["digest"]), context=item["context"])
 
 
 TAG_ERROR = "error"  # one line: why a run ended FAILED or KILLED outside its own process (hpml.launch)

@@ -11,12 +11,79 @@ from typing import Optional
 import torch
 
 from hpml import export, launch, modeling, serving, tracking
-from hpml.config import TrainConfig
+from hpml.config import TrainConfig, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
 from hpml.metrics import memory
 from hpml.tasks import Prepared, TaskSpec, fingerprint, get_task
 from hpml.variants import Variant, get_variant
+
+
+# ---- what the run trained on, and how runs compare ---------------------------------------------------------
+def data_fingerprint(cfg: TrainConfig) -> str:
+    """The `data_fingerprint` tag, exactly as the task's prepare() computes it (files or hub dataset +
+    revision, and the sample limits). Cheap (no tokenization), so `hpml series` computes it too."""
+    return get_task(cfg.task).fingerprint(cfg)
+
+
+def dataset_inputs(cfg: TrainConfig) -> list[dict]:
+    """What the run trained and evaluated on, for mlflow.log_input: name, digest, source, context.
+
+    The digest covers the split's file contents (or hub ID + revision) and its sample limit, so two runs
+    show different datasets in the UI exactly when they read different data."""
+    from hpml.tasks import file_digest, load_revision
+
+    spec = get_task(cfg.task)
+    revision = load_revision(cfg.data_dir, spec.hub_repo)
+    out = []
+    for context, split, limit in (("train", "train", cfg.max_train_samples),
+                                  ("eval", "validation", cfg.max_eval_samples)):
+        name = f"{cfg.task}-{split}" + (f"[:{limit}]" if limit else "")
+        if cfg.data_dir:
+            path = os.path.abspath(os.path.join(cfg.data_dir, spec.files[split]))
+            digest = fingerprint({"sha256": file_digest(path), "limit": limit})
+            out.append({"name": name, "digest": digest, "context": context, "path": path})
+        else:
+            digest = fingerprint({"hub": spec.hub_repo, "config": spec.hub_config, "split": split,
+                                  "revision": revision, "limit": limit})
+            out.append({"name": name, "digest": digest, "context": context,
+                        "hub": {"path": spec.hub_repo, "config_name": spec.hub_config, "split": split,
+                                "revision": revision}})
+    return out
+
+
+def config_hash(params: dict[str, object]) -> str:
+    """The `config_hash` tag: the resolved configuration minus where it is logged (experiment) and whether
+    the model is registered, neither of which changes what is trained."""
+    return fingerprint({k: str(v) for k, v in params.items()
+                        if k not in ("resolved.experiment", "resolved.register")})
+
+
+def recipe_hash(params: dict[str, object], data_fingerprint: str) -> str:
+    """The `recipe_hash` tag: configuration and data without the seed. Runs sharing it are repeats of one
+    recipe, and the report's mean and confidence interval are taken over them."""
+    return config_hash({**{k: v for k, v in params.items() if k != "resolved.seed"}, "data": data_fingerprint})
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, str]:
+    """The tags that say whether two runs trained the same thing on the same data: config hash and data
+    fingerprint (with the git commit, what `hpml series` compares before skipping a finished child).
+    Raises UsageError (one line) for an unknown variant or a CUDA-only one on a CPU."""
+    from dataclasses import replace
+
+    variant = get_variant(cfg.variant, cfg.task)
+    precision = modeling.resolve_precision(variant, modeling.check_device(variant))
+    params = resolve_params(replace(cfg, variant=variant.id), variant, precision)
+    return {tracking.TAG_CONFIG_HASH: config_hash(params), tracking.TAG_FINGERPRINT: data_fingerprint(cfg)}
+
+
+def describe(cfg: TrainConfig, variant: Variant) -> str:
+    """The run's description (mlflow.note.content): the UI's run list then says what each run was."""
+    data = cfg.data_dir or "hub"
+    limits = "".join(f", {k} {v}" for k, v in (("max_steps", cfg.max_steps), ("max_train_samples",
+                                                                               cfg.max_train_samples)) if v)
+    return (f"{variant.id} on {short_model(cfg.model)}: {variant.description}. "
+            f"seed {cfg.seed}, purpose {cfg.purpose}, data {data}{limits}.")
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------
@@ -36,14 +103,21 @@ def eval_timing(metrics: dict, n: int) -> dict[str, float]:
 def evaluate(trainer, spec: TaskSpec, prep: Prepared, cfg: TrainConfig, out_dir: str) -> dict[str, float]:
     """Predict the eval set (timed after a warm-up batch), score it with the task's pure evaluate(), and
     write its artifacts (predictions.json …) to out_dir."""
-    features = spec.eval_inputs(prep)
-    out = timed_predict(trainer, features, cfg.eval_batch_size)
-    predictions = out.predictions if isinstance(out.predictions, tuple) else (out.predictions,)
+    if getattr(trainer, "hpml_sampler", None) is not None:  # packed variants evaluate packed too
+        from hpml import packing
+
+        start_logits, end_logits, timing = packing.evaluate_qa(trainer, prep.eval_features, cfg)
+        predictions = (start_logits, end_logits)
+    else:
+        features = spec.eval_inputs(prep)
+        out = timed_predict(trainer, features, cfg.eval_batch_size)
+        predictions = out.predictions if isinstance(out.predictions, tuple) else (out.predictions,)
+        timing = eval_timing(out.metrics, len(features))
     result = spec.evaluate(predictions, prep, cfg)
     for name, obj in result.artifacts.items():
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(obj, f)
-    return {**result.metrics, **eval_timing(out.metrics, len(features))}
+    return {**result.metrics, **timing}
 
 
 # ---- Trainer -------------------------------------------------------------------------------------------
@@ -69,7 +143,9 @@ def training_arguments(cfg: TrainConfig, variant: Variant, built: modeling.Built
         report_to="none",  # hpml's own callback logs to MLflow through tracking.py
         seed=cfg.seed,
         use_cpu=device == "cpu",
-        dataloader_num_workers=0,
+        # collation in two worker processes on a GPU (pinned memory, Trainer's default): off the step's path
+        dataloader_num_workers=2 if device == "cuda" else 0,
+        dataloader_persistent_workers=device == "cuda",
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world > 1 else None,
         # Frozen weights (BitFit, freezing, LoRA) have requires_grad=False and are not DDP's concern; the
         # default (True) would walk the autograd graph every step looking for unused ones.
@@ -143,6 +219,11 @@ def build_trainer(spec: TaskSpec, variant: Variant, cfg: TrainConfig, built: mod
                   out_dir: str, device: str, callbacks: Optional[list] = None, **overrides):
     per_epoch = spec.epoch_metrics is not None and prep.eval_features is not None
     args = training_arguments(cfg, variant, built, out_dir, device, per_epoch, **overrides)
+    if variant.batching.padding == "packed":
+        from hpml import packing
+
+        return packing.build_packed_trainer(trainer_class(), built, prep.train, cfg, args, device,
+                                            make_callback)
     return trainer_class()(model=built.model, args=args, train_dataset=prep.train,
                            eval_dataset=spec.eval_inputs(prep) if per_epoch else None,
                            data_collator=collator(built.tokenizer, cfg, variant),
@@ -203,7 +284,9 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         raise UsageError(f"purpose must be one of {', '.join(tracking.PURPOSES)}, got {cfg.purpose!r}")
     device = modeling.check_device(variant)
     precision = modeling.resolve_precision(variant, device)
-    tracking.connect()
+    # On a team server: credentials and EDIT on the experiment and registered model, before any work.
+    tracking.connect(experiment=cfg.experiment or tracking.DEFAULT_EXPERIMENT[cfg.task],
+                     model=tracking.registered_model_name(cfg.task, variant.id) if cfg.register else "")
     work = tempfile.mkdtemp(prefix=f"hpml-{cfg.task}-{variant.id}-")
     try:
         # Inputs are validated before the run exists, so a bad file or model leaves no run behind.
@@ -215,12 +298,15 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         tags = {tracking.TAG_VARIANT: variant.id, tracking.TAG_PURPOSE: cfg.purpose,
                 tracking.TAG_FINGERPRINT: prep.fingerprint, tracking.TAG_PRECISION: precision}
         params = resolve_params(cfg, variant, precision)
-        tags[tracking.TAG_CONFIG_HASH] = fingerprint({k: str(v) for k, v in params.items()
-                                                     if k not in ("experiment", "register")})
+        tags[tracking.TAG_CONFIG_HASH] = config_hash(params)
+        tags[tracking.TAG_RECIPE] = recipe_hash(params, prep.fingerprint)
+        tags[tracking.TAG_DESCRIPTION] = describe(cfg, variant)
         if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
             return _train_in_run(spec, variant, cfg, prep, device, work, "", tags)
-        with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params) as run_id:
+        with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
+                          system_metrics=tracking.system_metrics_wanted(device)) as run_id:
             launch.record_run_id(run_id)
+            tracking.log_datasets(dataset_inputs(cfg))
             return _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags)
     finally:
         shutil.rmtree(work, ignore_errors=True)

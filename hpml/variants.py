@@ -19,6 +19,9 @@ class Attention:
 class Compile:
     enabled: bool = False
     backend: Literal["inductor", "aot_eager"] = "inductor"
+    # "reduce-overhead": inductor replays each step as CUDA graphs (static shapes only): one launch
+    # instead of ~1,000 per step, so the host no longer paces the GPU.
+    mode: Literal["default", "reduce-overhead"] = "default"
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,9 @@ class Batching:
     # "max_length": every batch padded to max_length (one shape: compile never recompiles).
     # "longest": each batch padded to its longest row, rounded up to `pad_to_multiple_of` so a compiled
     #  model sees at most max_length / pad_to_multiple_of shapes instead of one per batch.
-    padding: Literal["max_length", "longest"] = "max_length"
+    # "packed": no padding: features laid end to end in one row of exactly `max_tokens` tokens (a token
+    #  budget, the run's max_tokens parameter), attention kept within each feature by a varlen kernel.
+    padding: Literal["max_length", "longest", "packed"] = "max_length"
     group_by_length: bool = False  # length bucketing: HF's length-grouped sampler, a shuffle not a sort
     pad_to_multiple_of: int = 64
 
@@ -105,8 +110,13 @@ class Variant:
         if t.mode == "freeze_lower" and self.memory.gradient_checkpointing and self.memory.reentrant:
             problems.append("freeze_lower with reentrant gradient checkpointing trains nothing above the frozen "
                             "layers (their outputs carry no grad); use reentrant=False")
+        if self.compile.mode != "default" and (self.batching.padding != "packed" and self.batching.padding !=
+                                               "max_length" or not self.compile.enabled):
+            problems.append("CUDA graphs need compile and one static shape (packed or max_length batches)")
         if self.batching.group_by_length and self.batching.padding != "longest":
             problems.append("length bucketing only helps when batches are padded to their longest row")
+        if self.batching.padding == "packed" and (self.task != "squad" or self.attention.impl != "sdpa"):
+            problems.append("packed batching is implemented for squad with sdpa attention (varlen when packed)")
         if problems:
             raise ValueError(f"variant {self.id!r}: " + "; ".join(problems))
 
@@ -119,9 +129,12 @@ class Variant:
         """The 'key knobs' column: the settings that set this variant apart, short."""
         parts = [self.attention.impl]
         if self.compile.enabled:
-            parts.append(f"compile[{self.compile.backend}]")
+            parts.append(f"compile[{self.compile.backend}"
+                         + (", cudagraphs]" if self.compile.mode == "reduce-overhead" else "]"))
         if self.batching.padding == "longest":
             parts.append("bucketed" if self.batching.group_by_length else "pad-to-longest")
+        elif self.batching.padding == "packed":
+            parts.append("packed varlen")
         if self.trainable.mode == "lora":
             lo = self.trainable.lora
             parts.append(f"lora r{lo.r}/a{lo.alpha} {'+'.join(lo.targets)}")
@@ -198,6 +211,18 @@ CATALOG: tuple[Variant, ...] = (
     Variant("d1", "squad", "torch.compile with backend aot_eager (no inductor codegen), lr 3e-5",
             "D1", "bert-base-squadv2-d1-aot-eager-lr3e-5",
             attention=Attention("sdpa"), compile=Compile(True, "aot_eager"), optimizer=Optimizer(lr=3e-5)),
+    # Beyond the study: padding-free token-budget packs (hpml/packing.py). Flash varlen attention on CUDA
+    # has no attention-probability dropout: these variants train without it (hidden dropout stays).
+    Variant("p0", "squad", "Packed, no padding: features concatenated to a token budget (max_tokens), varlen "
+            "attention per feature (no attention-probability dropout), per-feature loss, no compile",
+            batching=Batching(padding="packed")),
+    Variant("p1", "squad", "Packed, no padding, + torch.compile (inductor): one static shape per step, varlen "
+            "attention per feature (no attention-probability dropout), per-feature loss",
+            batching=Batching(padding="packed"), **_SDPA_COMPILE),
+    Variant("p2", "squad", "p1 + CUDA graphs (torch.compile mode reduce-overhead): packed, no padding, varlen "
+            "attention per feature (no attention-probability dropout), per-feature loss",
+            batching=Batching(padding="packed"), attention=Attention("sdpa"),
+            compile=Compile(True, "inductor", "reduce-overhead")),
     # Study 2: bert-base on SST-2. Full fine-tuning at lr 2e-5; QLoRA per the study's recipe.
     Variant("fp32", "sst2", "Full fine-tuning in fp32 (no mixed precision), lr 2e-5",
             "BERT FP32", batching=_SST2_BATCHING, precision=Precision("fp32"), optimizer=Optimizer(lr=2e-5)),

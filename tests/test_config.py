@@ -1,6 +1,7 @@
 """MLproject parameters, CLI options and the declared parameters cannot drift apart."""
 import re
 
+import click
 import yaml
 
 from hpml.cli import main
@@ -9,7 +10,8 @@ from hpml.config import COMMAND_PARAMS
 from conftest import REPO
 
 CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "train_mnli": "train-mnli",
-             "vram_probe": "vram-probe", "report": "report"}
+             "vram_probe": "vram-probe", "report": "report", "series": "series", "benchmark": "bench"}
+POSITIONAL = {"series": ["name"]}  # `hpml series NAME`: the MLproject command passes it first, bare
 
 
 def mlproject():
@@ -25,14 +27,17 @@ def test_mlproject_matches_declared_parameters():
         assert given == declared, ep
         # every parameter reaches the command, under the CLI's option name
         used = re.findall(r"--([a-z-]+) \{([a-z_]+)\}", eps[ep]["command"])
-        assert sorted(used) == sorted((n.replace("_", "-"), n) for n in declared), ep
-        assert eps[ep]["command"].startswith(f"python entry_points/{ep}.py ")
+        first = POSITIONAL.get(ep, [])
+        assert sorted(used) == sorted((n.replace("_", "-"), n) for n in declared if n not in first), ep
+        prefix = " ".join([f"python entry_points/{ep}.py", *(f"{{{n}}}" for n in first)])
+        assert eps[ep]["command"].startswith(prefix + " "), ep
 
 
 def test_cli_options_match_declared_parameters():
     for ep, params in COMMAND_PARAMS.items():
         cmd = main.commands[CLI_NAMES[ep]]
-        opts = {o.name: (o.default, o.required) for o in cmd.params}
+        # a required click argument (series NAME) has no default: click stores a sentinel there, not None
+        opts = {o.name: (None if isinstance(o, click.Argument) else o.default, o.required) for o in cmd.params}
         assert opts == {p.name: (p.default, p.default is None) for p in params}, ep
 
 
@@ -41,3 +46,14 @@ def test_entry_points_are_thin():
         src = (REPO / "entry_points" / f"{ep}.py").read_text()
         assert f'main(["{cli_name}", *sys.argv[1:]]' in src
         assert len(src.splitlines()) < 12
+
+
+def test_small_real_runs_get_one_line_note():
+    from hpml.config import small_run_note
+
+    assert small_run_note("sst2", "real", 0, 20000) is None  # study 2's own subset is a real run
+    assert small_run_note("sst2", "test", 5, 100) is None
+    assert small_run_note("squad", "real", 0, 0) is None
+    note = small_run_note("squad", "real", 2, 64)
+    assert note.startswith("purpose=real on a small run (max_steps=2, max_train_samples=64):") and "\n" not in note
+    assert "max_train_samples=640" in small_run_note("sst2", "real", 0, 640)

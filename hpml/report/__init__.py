@@ -13,7 +13,7 @@ def _echo_err(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purpose: str, *,
+def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purpose: str, series_run: str = "", *,
                echo: Callable[[str], None] = print, note: Callable[[str], None] = _echo_err) -> list[Path]:
     """Query the store, write the tables (`formats`) and plots under `out`, print the Markdown report on
     `echo` (stdout: it pipes cleanly) and progress on `note` (stderr), then log every written file as an
@@ -24,8 +24,8 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
     """
     # Imported here: pandas and matplotlib cost seconds, and `hpml --help` should not pay them.
     from hpml.report.plots import PLOT_FILES, make_plots
-    from hpml.report.tables import (RUN_TASKS, _parse_formats, build_report, render_all, report_markdown,
-                                    select_runs)
+    from hpml.report.tables import (RUN_TASKS, _parse_formats, build_report, finished_runs, render_all,
+                                    report_markdown)
 
     chosen = _parse_formats(formats)  # a bad format fails before any network call
     purpose = (purpose or "").strip().lower()
@@ -35,17 +35,20 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
         raise UsageError("out must name a folder for the report, e.g. --out report")
     names = [n.strip() for n in (experiments or "").split(",") if n.strip()]
 
-    uri = tracking.connect(tracking_uri)
+    uri = tracking.connect(tracking_uri, experiment=tracking.DEFAULT_EXPERIMENT["report"])
     df = tracking.search_runs(names or None)
     task_col = f"tags.{tracking.TAG_TASK}"
     # Runs are found by tag, not experiment: keep training and probe runs, drop ours and foreign ones.
     df = df[df[task_col].isin(RUN_TASKS)] if task_col in df.columns else df.iloc[0:0]
+    if series_run:  # a series' report: its own children only
+        parent_col = f"tags.{tracking.TAG_PARENT}"
+        df = df[df[parent_col] == series_run] if parent_col in df.columns else df.iloc[0:0]
     tag_filter = {tracking.TAG_PURPOSE: purpose} if purpose else None
     tables = build_report(df, tag_filter, tracking_uri=uri)  # EmptyReportError when nothing matches
 
     out_dir = Path(out)
     written = render_all(tables, chosen, out_dir)
-    plots = make_plots(select_runs(df, tag_filter), out_dir)
+    plots = make_plots(finished_runs(df, tag_filter), out_dir)  # seed repeats too: error bars
     echo(report_markdown(tables))
     made = {p.name for p in plots}
     skipped = [name for name in PLOT_FILES.values() if name not in made]
@@ -53,7 +56,7 @@ def run_report(tracking_uri: str, out: str, formats: str, experiments: str, purp
         note(f"skipped plots (no runs with their metrics): {', '.join(skipped)}")
 
     inputs = {"tracking_uri": tracking_uri, "out": out, "formats": formats, "experiments": experiments,
-              "purpose": purpose}
+              "purpose": purpose, "series_run": series_run}
     resolved = {"resolved.tracking_uri": uri, "resolved.formats": ",".join(chosen),
                 "resolved.experiments": ",".join(names) or "(all)", "resolved.purpose": purpose or "(all)"}
     files = written + plots

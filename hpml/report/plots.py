@@ -9,10 +9,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hpml.errors import UsageError
-from hpml.report.tables import MISSING, display_id, latest_by_variant, metric_value, tag_value
+from hpml.report import stats
+from hpml.report.tables import (MISSING, display_id, latest_by_variant, metric_value, metric_values, model_of,
+                                seed_runs, tag_value)
 from hpml.tracking import (
     M_ACCURACY, M_F1, M_MEM_ACTIVATIONS, M_MEM_GRADS, M_MEM_OPTIMIZER, M_MEM_PARAMS, M_PROBE_ALLOC,
-    M_PROBE_RESERVED, M_TRAIN_RUNTIME, M_TRAIN_SPS, TAG_DEVICE,
+    M_PROBE_RESERVED, M_TRAIN_RUNTIME, M_TRAIN_SPS, TAG_DEVICE, TAG_FINGERPRINT, TAG_PURPOSE,
 )
 from hpml.variants import variants_for
 
@@ -43,8 +45,48 @@ def _save(fig: Figure, path: PathLike) -> Path:
 
 
 def _devices_line(runs: Sequence[pd.Series]) -> str:
+    """Where the numbers come from: device, and for demo/test runs their purpose, model and data, so a plot
+    of a smoke run cannot be mistaken for a study result when it travels without its report."""
     devices = sorted({d for d in (tag_value(r, TAG_DEVICE) for r in runs) if d != MISSING})
-    return f"measured on {', '.join(devices)}" if devices else "device not recorded"
+    line = f"measured on {', '.join(devices)}" if devices else "device not recorded"
+    purposes = sorted({p for p in (tag_value(r, TAG_PURPOSE) for r in runs) if p != MISSING})
+    if purposes and purposes != ["real"]:
+        models = sorted({m for m in (model_of(r) for r in runs) if m != MISSING})
+        prints = sorted({f[:8] for f in (tag_value(r, TAG_FINGERPRINT) for r in runs) if f != MISSING})
+        line += (f" · purpose {'/'.join(purposes)} (not study data)" + (f" · model {', '.join(models)}" if models else "")
+                 + (f" · data {', '.join(prints)}" if prints else ""))
+    return line
+
+
+def _mean_and_half(group: Optional[pd.DataFrame], metric: str) -> tuple[Optional[float], float]:
+    """A plotted value: the mean over seeds, and its 95% half-width as the error bar (0 below 2 seeds)."""
+    s = stats.summarize(metric_values(group, metric))
+    return s.mean, (s.half_width or 0.0)
+
+
+def pareto_points(runs: pd.DataFrame, task: str) -> list[tuple[str, float, float, float, float]]:
+    """(label, mean training time, mean accuracy, time half-width, accuracy half-width) per variant."""
+    metric = _ACCURACY[task][0]
+    groups = seed_runs(runs, task)
+    points = []
+    for v in variants_for(task):
+        x, xerr = _mean_and_half(groups.get(v.id), M_TRAIN_RUNTIME)
+        y, yerr = _mean_and_half(groups.get(v.id), metric)
+        if x is not None and y is not None:
+            points.append((display_id(v), x, y, xerr, yerr))
+    return points
+
+
+def throughput_bars(runs: pd.DataFrame) -> dict[str, list[tuple[str, float, float]]]:
+    """task → (label, mean training samples/s, 95% half-width) per variant with data; tasks without none."""
+    out = {}
+    for task in ("squad", "sst2"):
+        groups = seed_runs(runs, task)
+        bars = [(display_id(v), *_mean_and_half(groups.get(v.id), M_TRAIN_SPS)) for v in variants_for(task)]
+        bars = [b for b in bars if b[1] is not None]
+        if bars:
+            out[task] = bars
+    return out
 
 
 def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
@@ -62,19 +104,17 @@ def plot_pareto(runs: pd.DataFrame, task: str, path: PathLike) -> Optional[Path]
         raise UsageError(f"no Pareto plot for task {task!r}; choose from {', '.join(_ACCURACY)}")
     metric, y_label = _ACCURACY[task]
     latest = latest_by_variant(runs, task)
-    points, used = [], []
-    for v in variants_for(task):
-        run = latest.get(v.id)
-        x, y = metric_value(run, M_TRAIN_RUNTIME), metric_value(run, metric)
-        if x is not None and y is not None:
-            points.append((display_id(v), x, y))
-            used.append(run)
-    if not points:
+    full = pareto_points(runs, task)
+    if not full:
         return None
+    used = [r for r in latest.values()]
+    points = [p[:3] for p in full]
     front = pareto_front(points)
     fig = _figure(7.5, 5.4)
     ax = fig.add_subplot()
-    ax.scatter([p[1] for p in points], [p[2] for p in points], s=36, color="#4C72B0", zorder=3, label="variant")
+    ax.errorbar([p[1] for p in full], [p[2] for p in full], xerr=[p[3] for p in full], yerr=[p[4] for p in full],
+                fmt="o", markersize=6, color="#4C72B0", ecolor="#4C72B0", elinewidth=1, capsize=3, zorder=3,
+                label="variant (mean over seeds, bars: 95% CI)")
     # A staircase: the best accuracy reachable within each training-time budget.
     ax.step([p[1] for p in front], [p[2] for p in front], where="post", color="#C44E52", linewidth=1.5,
             zorder=2, label="Pareto front (no variant is both faster and more accurate)")
@@ -143,37 +183,27 @@ def plot_vram(runs: pd.DataFrame, path: PathLike) -> Optional[Path]:
 
 
 def plot_throughput(runs: pd.DataFrame, path: PathLike) -> Optional[Path]:
-    """Training samples/s per variant, SQuAD variants then SST-2 variants, each task its own colour."""
-    bars, used = [], []  # (x position, label, value, task)
-    x = 0.0
-    for task in ("squad", "sst2"):
-        latest = latest_by_variant(runs, task)
-        group = [(display_id(v), metric_value(latest.get(v.id), M_TRAIN_SPS), latest.get(v.id))
-                 for v in variants_for(task)]
-        group = [g for g in group if g[1] is not None]
-        for label, value, run in group:
-            bars.append((x, label, value, task))
-            used.append(run)
-            x += 1.0
-        if group:
-            x += 0.8  # a gap between the two tasks' groups
+    """Training throughput per variant, mean over seeds with 95% error bars: one panel per task, because a
+    SQuAD feature (a 384-token window) and an SST-2 sentence are different units and share no axis."""
+    bars = throughput_bars(runs)
     if not bars:
         return None
-    fig = _figure(max(6.5, 0.75 * len(bars) + 4.5), 4.8)  # + room for the legend
-    ax = fig.add_subplot()
-    for task, unit in (("squad", "features/s"), ("sst2", "sentences/s")):
-        mine = [b for b in bars if b[3] == task]
-        if mine:
-            drawn = ax.bar([b[0] for b in mine], [b[2] for b in mine], width=0.7, color=_TASK_COLORS[task],
-                           label=f"{_TASK_NAMES[task]} ({unit})")
-            ax.bar_label(drawn, fmt="%.0f", fontsize=8, padding=2)
-    ax.set_xticks([b[0] for b in bars], [b[1] for b in bars])
-    ax.set_xlabel("variant")
-    ax.set_ylabel("training samples/s")
-    ax.set_title(f"Training throughput per variant\n{_devices_line(used)}", fontsize=11)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.margins(y=0.12)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8)
+    used = [r for task in bars for r in latest_by_variant(runs, task).values()]
+    fig = _figure(max(6.5, 0.75 * sum(len(b) for b in bars.values()) + 2.5 * len(bars)), 4.8)
+    axes = fig.subplots(1, len(bars), squeeze=False)[0]
+    for ax, (task, group) in zip(axes, bars.items()):
+        unit = "features/s" if task == "squad" else "sentences/s"
+        drawn = ax.bar(range(len(group)), [b[1] for b in group], yerr=[b[2] for b in group], width=0.7,
+                       color=_TASK_COLORS[task], capsize=3, error_kw={"elinewidth": 1})
+        ax.bar_label(drawn, fmt="%.0f", fontsize=8, padding=2)
+        ax.set_xticks(range(len(group)), [b[0] for b in group])
+        ax.set_xlabel("variant")
+        ax.set_ylabel(f"training {unit}")
+        ax.set_title(f"{_TASK_NAMES[task]} ({unit})", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.margins(y=0.12)
+    fig.suptitle(f"Training throughput per variant (mean over seeds, bars: 95% CI)\n{_devices_line(used)}",
+                 fontsize=11)
     return _save(fig, path)
 
 

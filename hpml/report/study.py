@@ -85,3 +85,32 @@ SST2_RESULTS: dict[str, Sst2Result] = {
     "qlora": Sst2Result("BERT QLoRA (4-bit, r=16, q/v, fp16)", 591_362, 109_483_778, 7.55, 1638.87, 0.9060,
                         3.2502, 99.00, 1124.68, (0.8933, 0.9060)),
 }
+
+
+@dataclass(frozen=True)
+class StudyTable:
+    """A study table as a group of variants with the baseline each variant's difference is measured against.
+    `hpml series NAME` runs the baseline with the table's variants, so the difference is like for like."""
+
+    name: str  # what `hpml series` takes
+    variants: tuple[str, ...]
+    baseline: str
+
+
+# Baselines: A2 for the A series (SDPA without compile: what each A technique adds to), A3 (SDPA + compile,
+# full fine-tuning) for the B and C series (B1/B3 and C1/C2 keep compile and change what trains or how
+# memory is spent; study 1's Table 5 compares C1/C2 to A3 too), fp32 for SST-2 (study 2's reference).
+STUDY_TABLES: dict[str, StudyTable] = {t.name: t for t in (
+    StudyTable("squad-a", ("a1", "a2", "a3", "a4-nb", "a4-b", "d1"), "a2"),
+    StudyTable("squad-b", ("b1", "b2", "b3"), "a3"),
+    StudyTable("squad-c", ("c1", "c2-8", "c2"), "a3"),
+    StudyTable("sst2", ("fp32", "bf16", "lora", "qlora"), "fp32"),
+)}
+
+
+def baseline_of(variant_id: str) -> Optional[str]:
+    """The baseline of the first study table listing `variant_id` (None for a variant in none)."""
+    for table in STUDY_TABLES.values():
+        if variant_id in table.variants:
+            return table.baseline
+    return None

@@ -9,13 +9,14 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
+from hpml.config import short_model
 from hpml.errors import HpmlError, UsageError
-from hpml.report import study
+from hpml.report import stats, study
 from hpml.tracking import (
     M_DEVICE_TOTAL, M_EVAL_MS, M_EVAL_RUNTIME, M_EVAL_SPS, M_EXACT, M_F1, M_FULL_ARCH_PARAMS, M_MEM_ACTIVATIONS,
     M_MEM_GRADS, M_MEM_OPTIMIZER, M_MEM_PARAMS, M_PEAK_EVAL_VRAM, M_PEAK_TRAIN_ALLOC, M_PROBE_ALLOC,
     M_PROBE_RESERVED, M_TOTAL, M_TRAIN_LOSS, M_TRAIN_RUNTIME, M_TRAIN_SPS, M_TRAINABLE, M_VRAM_AFTER_LOAD,
-    M_ACCURACY, TAG_DEVICE, TAG_FINGERPRINT, TAG_PURPOSE, TAG_TASK, TAG_VARIANT,
+    M_ACCURACY, TAG_DEVICE, TAG_FINGERPRINT, TAG_PURPOSE, TAG_RECIPE, TAG_TASK, TAG_VARIANT,
 )
 from hpml.variants import CATALOG, Variant, get_variant, variants_for
 
@@ -23,7 +24,7 @@ MISSING = "—"  # every measured cell of a variant without a FINISHED run, and 
 NO_RUN = "no FINISHED run found"
 STUDY_SUFFIX = f" (study, {study.STUDY_DEVICE})"
 FORMATS = ("md", "csv", "tex")
-RUN_TASKS = ("squad", "sst2", "vram")  # tasks whose runs feed the tables; "report" runs are our own output
+RUN_TASKS = ("squad", "sst2", "vram", "bench")  # tasks whose runs feed the tables; "report" runs are our own output
 
 _STUDY_NOTE = (f"Columns marked “{STUDY_SUFFIX.strip()}” are the source study's published numbers, measured on "
                f"one {study.STUDY_DEVICE_LONG}; all other numbers were measured by hpml on the device in the "
@@ -49,8 +50,8 @@ def _tag(name: str) -> str:
     return f"tags.{name}"
 
 
-def select_runs(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
-    """FINISHED runs matching every tag in `tag_filter`, then only the newest per (task, variant).
+def finished_runs(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
+    """FINISHED runs matching every tag in `tag_filter`, oldest first, every one of them (seed repeats too).
 
     Failed, killed and still-running runs never enter: a half-finished run's metrics would look like a
     result. Keys of `tag_filter` may be given with or without the `tags.` prefix.
@@ -67,9 +68,49 @@ def select_runs(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, st
         keep &= df[col].eq(value) if col in df.columns else False
     runs = df.loc[keep].copy()
     runs[variant_col] = runs[variant_col].astype(str).str.strip().str.lower()
-    runs = runs.sort_values("start_time", kind="stable", na_position="first")
-    runs = runs.drop_duplicates([task_col, variant_col], keep="last")
+    return runs.sort_values("start_time", kind="stable", na_position="first").reset_index(drop=True)
+
+
+def select_runs(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
+    """finished_runs, then only the newest per (task, variant)."""
+    runs = finished_runs(df, tag_filter)
+    if runs.empty:
+        return runs
+    runs = runs.drop_duplicates([_tag(TAG_TASK), _tag(TAG_VARIANT)], keep="last")
     return runs.reset_index(drop=True)
+
+
+SEED_PARAMS = ("params.resolved.seed", "params.seed")
+
+
+def seed_runs(runs: pd.DataFrame, task: str) -> dict[str, pd.DataFrame]:
+    """variant ID → the runs its statistics are taken over: the newest FINISHED run's recipe (same
+    configuration and data, `recipe_hash`), newest run per seed. A run without the tag stands alone."""
+    fin = finished_runs(runs)
+    out: dict[str, pd.DataFrame] = {}
+    for vid, newest in latest_by_variant(runs, task).items():
+        recipe = newest.get(_tag(TAG_RECIPE))
+        if recipe is None or pd.isna(recipe) or _tag(TAG_RECIPE) not in fin.columns:
+            out[vid] = newest.to_frame().T
+            continue
+        same = fin[fin[_tag(TAG_TASK)].eq(task) & fin[_tag(TAG_VARIANT)].eq(vid) & fin[_tag(TAG_RECIPE)].eq(recipe)]
+        seed_col = next((c for c in SEED_PARAMS if c in same.columns), None)
+        out[vid] = same.drop_duplicates(seed_col, keep="last") if seed_col else same.tail(1)
+    return out
+
+
+def metric_values(group: Optional[pd.DataFrame], name: str) -> list[float]:
+    if group is None or f"metrics.{name}" not in group.columns:
+        return []
+    return [float(v) for v in group[f"metrics.{name}"] if v is not None and not pd.isna(v)]
+
+
+def model_of(run: Optional[pd.Series]) -> str:
+    for key in ("params.model", "params.resolved.model"):
+        value = None if run is None else run.get(key)
+        if value is not None and not pd.isna(value) and str(value):
+            return short_model(str(value))
+    return MISSING
 
 
 def latest_by_variant(runs: pd.DataFrame, task: str) -> dict[str, pd.Series]:
@@ -161,11 +202,24 @@ _SQUAD_COLUMNS = (
 )
 _SQUAD_NOTE = ("EM and F1 in percent on the SQuAD v2 dev set; samp/s counts features (context windows), "
                "not questions.")
+_CI_COLUMNS = {M_F1, M_TRAIN_SPS, M_ACCURACY}  # these get a "±95%" column beside their mean
+CI_SUFFIX = " ±95%"
+_SEEDS_NOTE = ("Measured numbers are means over the seeds column's runs (the newest run's recipe: same "
+               "configuration and data, newest run per seed); ±95% is the half-width of the 95% t-interval of "
+               f"the mean, {MISSING} below 2 seeds. Table 7 has std, intervals and differences to each baseline.")
+
+
+def _mean_cells(row: dict, column: str, metric: str, group: Optional[pd.DataFrame], decimals: int) -> None:
+    s = stats.summarize(metric_values(group, metric))
+    row[column] = _num(s.mean, decimals)
+    if metric in _CI_COLUMNS:
+        row[column + CI_SUFFIX] = _num(s.half_width, decimals)
 
 
 def _squad_table(runs: pd.DataFrame, ids: Sequence[str], name: str, title: str, knobs: bool = False,
                  notes: Sequence[str] = ()) -> Table:
     latest = latest_by_variant(runs, "squad")
+    groups = seed_runs(runs, "squad")
     rows, missing, used = [], [], []
     for vid in ids:
         v = get_variant(vid, "squad")
@@ -176,14 +230,16 @@ def _squad_table(runs: pd.DataFrame, ids: Sequence[str], name: str, title: str, 
         row = {"ID": display_id(v)}
         if knobs:
             row["key knobs"] = v.knobs()
+        row["model"] = model_of(run)
+        row["seeds"] = str(len(groups[vid])) if vid in groups else MISSING
         published = study.SQUAD_RESULTS.get(vid)
         for column, metric, decimals, attr in _SQUAD_COLUMNS:
-            row[column] = _num(metric_value(run, metric), decimals)
+            _mean_cells(row, column, metric, groups.get(vid), decimals)
             if attr:
                 row[column + STUDY_SUFFIX] = _num(getattr(published, attr) if published else None, decimals)
         row["device"] = tag_value(run, TAG_DEVICE)
         rows.append(row)
-    footnotes = [_STUDY_NOTE, _SQUAD_NOTE, *notes, *_missing_note(missing), *_provenance_notes(used)]
+    footnotes = [_STUDY_NOTE, _SQUAD_NOTE, _SEEDS_NOTE, *notes, *_missing_note(missing), *_provenance_notes(used)]
     return Table(name, title, pd.DataFrame(rows), footnotes)
 
 
@@ -247,17 +303,20 @@ def table5_vram(runs: pd.DataFrame) -> Table:
 
 
 # ---- Table 6: SST-2 ----------------------------------------------------------------------------------
-def _params_cell(run: Optional[pd.Series]) -> str:
+def _params_cells(run: Optional[pd.Series]) -> dict[str, str]:
+    """Trainable and total parameters and their ratio, as three plain numbers (the CSV stays numeric)."""
     trainable = metric_value(run, M_TRAINABLE)
     # QLoRA's 4-bit tensors undercount the total, so the full architecture's count is the denominator.
     total = metric_value(run, M_FULL_ARCH_PARAMS) or metric_value(run, M_TOTAL)
     if trainable is None or not total:
-        return MISSING
-    return f"{int(trainable):,} / {int(total):,} ({_pct(100.0 * trainable / total)})"
+        return {"trainable params": MISSING, "total params": MISSING, "trainable %": MISSING}
+    return {"trainable params": str(int(trainable)), "total params": str(int(total)),
+            "trainable %": _pct(100.0 * trainable / total).rstrip("%")}
 
 
 def table_sst2(runs: pd.DataFrame) -> Table:
     latest = latest_by_variant(runs, "sst2")
+    groups = seed_runs(runs, "sst2")
     rows, missing, used = [], [], []
     variants = variants_for("sst2")
     for v in variants:
@@ -266,13 +325,17 @@ def table_sst2(runs: pd.DataFrame) -> Table:
             missing.append(v.id)
         used.append(run)
         published = study.SST2_RESULTS.get(v.id)
-        runtime = metric_value(run, M_TRAIN_RUNTIME)
+        runtime = stats.summarize(metric_values(groups.get(v.id), M_TRAIN_RUNTIME)).mean
+        acc = stats.summarize(metric_values(groups.get(v.id), M_ACCURACY))
         rows.append({
             "ID": v.id,
-            "trainable / total (pct)": _params_cell(run),
+            "model": model_of(run),
+            "seeds": str(len(groups[v.id])) if v.id in groups else MISSING,
+            **_params_cells(run),
             "train min": _num(None if runtime is None else runtime / 60.0, 2),
             "peak train VRAM MiB": _num(metric_value(run, M_PEAK_TRAIN_ALLOC), 1),
-            "val acc": _num(metric_value(run, M_ACCURACY), 4),
+            "val acc": _num(acc.mean, 4),
+            "val acc" + CI_SUFFIX: _num(acc.half_width, 4),
             "val acc" + STUDY_SUFFIX: _num(published.val_accuracy if published else None, 4),
             "val acc per epoch" + STUDY_SUFFIX:
                 " → ".join(f"{a:.4f}" for a in published.epoch_accuracy) if published else MISSING,
@@ -282,9 +345,9 @@ def table_sst2(runs: pd.DataFrame) -> Table:
             "device": tag_value(run, TAG_DEVICE),
         })
     unpublished = [v.id for v in variants if v.id not in study.SST2_RESULTS]
-    notes = [_STUDY_NOTE,
-             "trainable / total: the total is the full fp32 architecture's parameter count for every variant "
-             "(4-bit tensors do not sum cleanly), as study 2 counted QLoRA.",
+    notes = [_STUDY_NOTE, _SEEDS_NOTE,
+             "total params: the full fp32 architecture's parameter count for every variant "
+             "(4-bit tensors do not sum cleanly), as study 2 counted QLoRA; trainable % of that total.",
              "Memory in MiB (2^20 bytes); study 2 labelled these columns MB. Latency: eval loop, per sentence."]
     if unpublished:
         notes.append(f"{', '.join(unpublished)}: hpml additions; study 2 has no numbers for them.")
@@ -292,24 +355,113 @@ def table_sst2(runs: pd.DataFrame) -> Table:
     return Table("table6_sst2", "Table 6: SST-2, full fine-tuning vs (Q)LoRA", pd.DataFrame(rows), notes)
 
 
+# ---- Table 7: statistics over seeds ------------------------------------------------------------------
+# (table label, task, variants, baseline) from the study tables; metrics per task with their decimals.
+_STATS_METRICS = {
+    "squad": (("EM", M_EXACT, 2), ("F1", M_F1, 2), ("train samp/s", M_TRAIN_SPS, 2), ("eval samp/s", M_EVAL_SPS, 2)),
+    "sst2": (("val acc", M_ACCURACY, 4), ("train samp/s", M_TRAIN_SPS, 2), ("latency ms/sample", M_EVAL_MS, 4)),
+}
+_STATS_TABLES = (("Table 2", "squad", "squad-a"), ("Table 3", "squad", "squad-b"), ("Table 4", "squad", "squad-c"),
+                 ("Table 6", "sst2", "sst2"))
+
+
+def table7_statistics(runs: pd.DataFrame) -> Table:
+    """One row per measured variant and metric: seeds, mean, std, 95% interval, and the difference to its
+    study table's baseline with Welch's 95% interval and a verdict (within noise where it contains 0)."""
+    rows = []
+    for label, task, key in _STATS_TABLES:
+        spec = study.STUDY_TABLES[key]
+        groups = seed_runs(runs, task)
+        latest = latest_by_variant(runs, task)
+        base = groups.get(spec.baseline)
+        if not any(v in groups for v in spec.variants):
+            continue
+        extra = () if spec.baseline in spec.variants else (spec.baseline,)  # B and C tables: A3 first
+        for vid in (*extra, *spec.variants):
+            if vid not in groups:
+                continue
+            v = get_variant(vid, task)
+            for name, metric, d in _STATS_METRICS[task]:
+                values = metric_values(groups[vid], metric)
+                if not values:
+                    continue
+                s = stats.summarize(values)
+                is_base = vid == spec.baseline
+                diff = stats.difference(values, metric_values(base, metric)) if not is_base else None
+                rows.append({
+                    "table": label, "ID": display_id(v), "model": model_of(latest.get(vid)), "metric": name,
+                    "seeds": str(s.n), "mean": _num(s.mean, d), "std": _num(s.std, d),
+                    "CI95 low": _num(s.ci_low, d), "CI95 high": _num(s.ci_high, d),
+                    "baseline": display_id(get_variant(spec.baseline, task)),
+                    "diff": _num(diff.diff, d) if diff else MISSING,
+                    "diff CI95 low": _num(diff.ci_low, d) if diff else MISSING,
+                    "diff CI95 high": _num(diff.ci_high, d) if diff else MISSING,
+                    "verdict": "baseline" if is_base else diff.verdict,
+                })
+    notes = ["Over the runs counted in each table's seeds column. CI95: two-sided 95% t-interval of the mean "
+             f"({MISSING} below 2 seeds). diff: variant mean minus baseline mean, with Welch's 95% interval "
+             "(unequal variances); 'within noise' where that interval contains 0, 'higher'/'lower' where it "
+             "does not.",
+             "Baselines: A2 for Table 2, A3 (full fine-tuning with compile) for Tables 3 and 4, fp32 for Table 6; "
+             "`hpml series NAME` runs each table's baseline with it."]
+    columns = ["table", "ID", "model", "metric", "seeds", "mean", "std", "CI95 low", "CI95 high", "baseline", "diff",
+               "diff CI95 low", "diff CI95 high", "verdict"]
+    return Table("table7_statistics", "Table 7: statistics over seeds and differences to each table's baseline",
+                 pd.DataFrame(rows, columns=columns), notes)
+
+
 # ---- the whole report --------------------------------------------------------------------------------
 def build_report(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, str]] = None, *,
                  tracking_uri: Optional[str] = None) -> list[Table]:
     """All tables in a fixed order; EmptyReportError when no FINISHED hpml run matches."""
-    runs = select_runs(df, tag_filter)
+    runs = finished_runs(df, tag_filter)  # all of them: the tables pick the newest run and its seed repeats
     if runs.empty or not runs[_tag(TAG_TASK)].isin(RUN_TASKS).any():
         where = tracking_uri or "this tracking URI"
         matching = "".join(f" with {k}={v}" for k, v in (tag_filter or {}).items())
         raise EmptyReportError(
             f"no FINISHED hpml runs found at {where}{matching}; create some first, e.g. `mlflow run . "
             "-e train_squad --experiment-name hpml-squad -P variant=a1 --env-manager local`, then rerun the report")
-    return [table1_configurations(), table2_a_series(runs), table3_b_series(runs), table4_c_series(runs),
-            table5_vram(runs), table_sst2(runs)]
+    tables = [table1_configurations(), table2_a_series(runs), table3_b_series(runs), table4_c_series(runs),
+              table5_vram(runs), table_sst2(runs), table7_statistics(runs)]
+    speed = table_speed(df, tag_filter)
+    return tables + ([speed] if speed is not None else [])
+
+
+# `hpml bench` rows: (column, metric, decimals); the row label is the run's bench_row tag (p2@6000 …)
+SPEED_COLUMNS = (("features/s", "bench_train_features_per_s", 0), ("real tokens/s", "bench_train_real_tokens_per_s", 0),
+                 ("MFU %", "bench_mfu_pct", 1), ("warm-up s", "bench_warmup_s", 1),
+                 ("recompiles", "bench_recompiles_after_warmup", 0), ("peak MiB", "bench_peak_vram_allocated_mib", 0),
+                 ("eval features/s", "bench_eval_features_per_s", 0), ("× reference", "bench_ratio_to_reference", 2))
+
+
+def table_speed(df: Optional[pd.DataFrame], tag_filter: Optional[Mapping[str, str]] = None) -> Optional[Table]:
+    """Speed table from the newest `hpml bench` run's rows (task=bench); None when there is none. Rows of one
+    bench run only, since its ratios are measured side by side in that run."""
+    row_col, parent_col = _tag("bench_row"), _tag("mlflow.parentRunId")
+    if df is None or df.empty or row_col not in df.columns or parent_col not in df.columns:
+        return None
+    keep = df["status"].eq("FINISHED") & df[_tag(TAG_TASK)].eq("bench") & df[row_col].notna()
+    for key, value in (tag_filter or {}).items():
+        col = key if key.startswith("tags.") else _tag(key)
+        keep &= df[col].eq(value) if col in df.columns else False
+    rows = df.loc[keep]
+    if rows.empty:
+        return None
+    newest = rows.sort_values("start_time", kind="stable").iloc[-1][parent_col]
+    rows = rows[rows[parent_col] == newest].sort_values("start_time", kind="stable")
+    table = [{"row": r[row_col], **{name: _num(metric_value(r, m), d) for name, m, d in SPEED_COLUMNS},
+              "device": tag_value(r, TAG_DEVICE)} for _, r in rows.iterrows()]
+    notes = ["`hpml bench`: the study's recipe (HF Trainer, eager, fp16 AMP, padded) first, then each variant's "
+             "technique in a lean loop, one process, one set of generated features; MFU counts real tokens only."]
+    return Table("table8_speed", "Table 8: training and eval speed, side by side (hpml bench)", pd.DataFrame(table),
+                 notes)
 
 
 # ---- renderers ---------------------------------------------------------------------------------------
 # Columns of words; every other column holds numbers (or —) and is right-aligned, even when all are —.
-_TEXT_COLUMNS = frozenset({"ID", "study label", "task", "description", "key knobs", "requires CUDA", "device"})
+_TEXT_COLUMNS = frozenset({"ID", "study label", "task", "description", "key knobs", "requires CUDA", "device",
+                           "model", "table", "metric", "baseline", "verdict", "val acc per epoch" + STUDY_SUFFIX,
+                           "row"})
 
 
 def _right_aligned(frame: pd.DataFrame) -> list[bool]:
@@ -345,8 +497,11 @@ def to_markdown(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """The table's cells as CSV, header first; footnotes stay out so the file parses as plain data."""
+    """The table's cells as CSV, header first; footnotes stay out so the file parses as plain data. A number
+    column holds numbers or nothing: its "—" is written empty, so a spreadsheet reads the column as numeric."""
     header, body = _cells(table)
+    right = _right_aligned(table.frame)
+    body = [["" if r and c == MISSING else c for c, r in zip(row, right)] for row in body]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

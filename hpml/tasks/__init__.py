@@ -56,6 +56,10 @@ class TaskSpec:
     check_rows: Callable  # (frame) -> None or HpmlError naming the bad row
     make_data: Callable  # (out_dir, n_train, n_dev, seed) -> written paths (GLUE/official format)
     make_data_sizes: tuple[int, int]  # default (train, dev) sizes of `hpml make-data`
+    fingerprint: Callable  # (cfg) -> the data_fingerprint tag, as prepare() computes it (no tokenization)
+    hub_repo: str  # the hub dataset read when data_dir is empty
+    hub_config: Optional[str]  # its config (GLUE: sst2, mnli), None if it has none
+    files: dict  # {"train": file name, "validation": file name} in a data_dir
     default_experiment: str = ""
 
     @property

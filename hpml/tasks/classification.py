@@ -50,12 +50,17 @@ def classification_spec(*, name: str, title: str, labels: int, params: list[Para
     """A spec for GLUE-style classification: `load(data_dir, split, max_samples, revision)` gives a Dataset with
     `data_columns` (the text, one or two columns) and `label`; requests carry `input_columns` in that order."""
 
+    def fingerprint(cfg, revision=None) -> str:
+        revision = revision or load_revision(cfg.data_dir, hub_repo)
+        return data_fingerprint(cfg.data_dir, [os.path.join(cfg.data_dir, f) for f in files], hub, revision,
+                                {"max_train_samples": cfg.max_train_samples,
+                                 "max_eval_samples": cfg.max_eval_samples})
+
     def prepare(cfg, tokenizer, cache_dir: str) -> Prepared:
         revision = load_revision(cfg.data_dir, hub_repo)
         train = load(cfg.data_dir, "train", cfg.max_train_samples, revision)
         dev = load(cfg.data_dir, "validation", cfg.max_eval_samples, revision)
-        fp = data_fingerprint(cfg.data_dir, [os.path.join(cfg.data_dir, f) for f in files], hub, revision,
-                              {"max_train_samples": cfg.max_train_samples, "max_eval_samples": cfg.max_eval_samples})
+        fp = fingerprint(cfg, revision)
         return Prepared(tokenize(train, tokenizer, cfg.max_length, data_columns), dev,
                         tokenize(dev, tokenizer, cfg.max_length, data_columns), fp)
 
@@ -69,13 +74,18 @@ def classification_spec(*, name: str, title: str, labels: int, params: list[Para
         return None  # any strings classify; check_input has checked they are strings
 
     def predict(loaded, frame, batch_size: int = 32) -> list[dict]:
+        """Batches of rows of similar length (sorted, answers put back in request order): a large request pads
+        each batch to its own longest row, not to the request's."""
         texts = [list(frame[c]) for c in input_columns]
-        out = []
-        for i in range(0, len(texts[0]), batch_size):
-            enc = loaded.tokenizer(*[t[i:i + batch_size] for t in texts], truncation=True,
+        order = sorted(range(len(texts[0])), key=lambda i: sum(len(t[i]) for t in texts))
+        out: list[dict] = [{}] * len(order)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = loaded.tokenizer(*[[t[i] for i in idx] for t in texts], truncation=True,
                                    max_length=loaded.meta.get("max_length", 128), padding=True, return_tensors="pt")
             probs = softmax(loaded.forward(dict(enc)).logits.float().cpu().numpy())
-            out += [{"label": int(p.argmax()), "probability": float(p.max())} for p in probs]
+            for i, p in zip(idx, probs):
+                out[i] = {"label": int(p.argmax()), "probability": float(p.max())}
         return out
 
     return TaskSpec(
@@ -85,5 +95,7 @@ def classification_spec(*, name: str, title: str, labels: int, params: list[Para
         output_columns=(("label", "long"), ("probability", "double")),
         prepare=prepare, eval_inputs=eval_inputs, evaluate=evaluate, epoch_metrics=epoch_metrics,
         export_settings=export_settings, predict=predict, check_rows=check_rows, make_data=make_data,
-        make_data_sizes=make_data_sizes, default_experiment=f"hpml-{name}",
+        make_data_sizes=make_data_sizes, fingerprint=fingerprint, hub_repo=hub_repo,
+        hub_config=hub.rsplit("/", 1)[-1], files={"train": files[0], "validation": files[1]},
+        default_experiment=f"hpml-{name}",
     )

@@ -12,6 +12,12 @@ FILES = ("train-v2.0.json", "dev-v2.0.json")
 BOOKKEEPING = ("example_id", "offset_mapping")  # eval feature columns postprocessing needs, the model must not see
 
 
+def fingerprint(cfg, revision=None) -> str:
+    revision = revision or load_revision(cfg.data_dir, HUB)
+    return data_fingerprint(cfg.data_dir, [os.path.join(cfg.data_dir, f) for f in FILES], HUB, revision,
+                            {"max_train_samples": cfg.max_train_samples, "max_eval_samples": cfg.max_eval_samples})
+
+
 def prepare(cfg, tokenizer, cache_dir: str) -> Prepared:
     from hpml.data import squad
 
@@ -22,8 +28,7 @@ def prepare(cfg, tokenizer, cache_dir: str) -> Prepared:
         train = train.select(range(cfg.max_train_samples))
     if cfg.max_eval_samples and cfg.max_eval_samples < len(dev):
         dev = dev.select(range(cfg.max_eval_samples))
-    fp = data_fingerprint(cfg.data_dir, [os.path.join(cfg.data_dir, f) for f in FILES], HUB, revision,
-                          {"max_train_samples": cfg.max_train_samples, "max_eval_samples": cfg.max_eval_samples})
+    fp = fingerprint(cfg, revision)
     tok_name = getattr(tokenizer, "name_or_path", "tok")
     feats = {}
     for kind, ds, fn in (("train", train, squad.prepare_train_features), ("eval", dev, squad.prepare_eval_features)):
@@ -132,5 +137,6 @@ SPEC = TaskSpec(
     prepare=prepare, eval_inputs=eval_inputs, evaluate=evaluate,
     epoch_metrics=None,  # scored once, after training: postprocessing needs every window of a question
     export_settings=export_settings, predict=predict, check_rows=check_rows, make_data=make_data,
-    make_data_sizes=(2000, 500), default_experiment="hpml-squad",
+    make_data_sizes=(2000, 500), fingerprint=fingerprint, hub_repo=HUB, hub_config=None,
+    files={"train": FILES[0], "validation": FILES[1]}, default_experiment="hpml-squad",
 )

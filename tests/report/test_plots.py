@@ -100,3 +100,25 @@ def test_missing_data_skips_the_plot(runs, tmp_path):
 def test_pareto_rejects_an_unknown_task(runs, tmp_path):
     with pytest.raises(UsageError, match="vram"):
         plot_pareto(runs, "vram", tmp_path / "x.png")
+
+
+def test_plots_show_means_over_seeds_with_intervals_and_label_smoke_runs(tmp_path):
+    from hpml.report.plots import _devices_line, pareto_points, throughput_bars
+
+    def seeded(run_id, seed, f1, sps, task="squad", variant="a2", purpose="test"):
+        metrics = squad(f1, 100.0 + seed, sps) if task == "squad" else {M_ACCURACY: f1, M_TRAIN_RUNTIME: 50.0,
+                                                                         M_TRAIN_SPS: sps}
+        row = run(run_id, task, variant, seed, metrics)
+        row.update({"tags.recipe_hash": f"{variant}-r", "params.resolved.seed": str(seed), "params.model": "random:tiny",
+                    f"tags.{TAG_PURPOSE}": purpose, "tags.data_fingerprint": "0123456789abcdef"})
+        return row
+
+    runs = pd.DataFrame([seeded("s1", 1, 70.0, 40.0), seeded("s2", 2, 72.0, 44.0),
+                         seeded("f1", 1, 0.8, 90.0, task="sst2", variant="fp32")])
+    (label, x, y, xerr, yerr), = pareto_points(runs, "squad")
+    assert (label, x, y) == ("A2", 101.5, 71.0) and yerr == pytest.approx(12.7062, abs=1e-3)  # t(0.975,1)*1.414/√2
+    bars = throughput_bars(runs)
+    assert bars["squad"] == [("A2", 42.0, pytest.approx(25.4124, abs=1e-3))] and bars["sst2"] == [("fp32", 90.0, 0.0)]
+    assert _devices_line([runs.iloc[0]]) == ("measured on NVIDIA H100 · purpose test (not study data) · model "
+                                             "random:tiny · data 01234567")
+    assert_png(plot_throughput(runs, tmp_path / "t.png"))

@@ -21,7 +21,7 @@ _ = "—"  # a measured cell without a FINISHED run (or a metric the run did not
 H100 = "NVIDIA H100 80GB HBM3"
 SANDBOX = "team-sandbox"  # not an hpml experiment name: the report must find these runs by their tags
 TABLES = ("table1_configurations", "table2_a_series", "table3_b_series", "table4_c_series", "table5_vram",
-          "table6_sst2")
+          "table6_sst2", "table7_statistics")
 NOW_MS = int(time.time() * 1000)
 MIN_MS = 60_000
 
@@ -134,21 +134,30 @@ def cell(metrics: dict[str, float], name: str, decimals: int, scale: float = 1.0
     return f"{metrics[name] * scale:.{decimals}f}" if name in metrics else _
 
 
-def params_cell(metrics: dict[str, float]) -> str:
+def num(value: str) -> str:
+    """A number column in the CSV: an absent value is an empty cell, never "—"."""
+    return "" if value == _ else value
+
+
+def params_cells(metrics: dict[str, float]) -> dict[str, str]:
+    if not metrics:
+        return {"trainable params": "", "total params": "", "trainable %": ""}
     trainable, total = metrics[T.M_TRAINABLE], metrics.get(T.M_FULL_ARCH_PARAMS) or metrics[T.M_TOTAL]
     pct = f"{100 * trainable / total:.2f}".rstrip("0").rstrip(".")
-    return f"{int(trainable):,} / {int(total):,} ({pct}%)"
+    return {"trainable params": str(int(trainable)), "total params": str(int(total)), "trainable %": pct}
 
 
-def squad_row(label, values, study_em, study_f1, device, knobs=None):
+def squad_row(label, values, study_em, study_f1, device, knobs=None, model=_):
+    """One run per variant here: seeds 1 where measured, and no interval (±95% empty) below 2 seeds."""
     em, f1, t_eval, eval_sps, loss, t_train, train_sps = values
     row = {"ID": label}
     if knobs is not None:
         row["key knobs"] = knobs
-    row.update({"EM": em, "EM (study, T4)": study_em, "F1": f1, "F1 (study, T4)": study_f1, "T_eval s": t_eval,
-                "eval samp/s": eval_sps, "train loss": loss, "T_train s": t_train, "train samp/s": train_sps,
+    row.update({"model": model, "seeds": "1" if em != _ else "", "EM": em, "EM (study, T4)": study_em, "F1": f1,
+                "F1 ±95%": _, "F1 (study, T4)": study_f1, "T_eval s": t_eval, "eval samp/s": eval_sps,
+                "train loss": loss, "T_train s": t_train, "train samp/s": train_sps, "train samp/s ±95%": _,
                 "device": device})
-    return row
+    return {k: v if k in ("ID", "key knobs", "model", "device") else num(v) for k, v in row.items()}
 
 
 EMPTY7 = (_,) * 7
@@ -166,7 +175,7 @@ def test_report_tables_have_the_expected_cells(reported, mlflow_server):
     a2_cells = tuple(cell(a2, m, d) for m, d in zip(SQUAD_COLS, (2, 2, 2, 2, 3, 2, 2)))
     assert read_table(out, "table2_a_series") == [
         squad_row("A1", ("73.21", "76.62", "66.97", "181.19", "0.796", "9001.32", "43.91"), "73.21", "76.62", H100),
-        squad_row("A2", a2_cells, "73.26", "76.56", "cpu"),
+        squad_row("A2", a2_cells, "73.26", "76.56", "cpu", model="random:tiny"),
         squad_row("A3", EMPTY7, "73.37", "76.89", _),  # only a FAILED run
         squad_row("A4-nb", EMPTY7, "73.78", "77.23", _),
         squad_row("A4-b", EMPTY7, "25.82", "26.87", _),
@@ -187,10 +196,11 @@ def test_report_tables_have_the_expected_cells(reported, mlflow_server):
 
     def vram(label, measured, study_alloc, study_reserved, breakdown, device):
         alloc, reserved, total = measured
-        return {"ID": label, "peak allocated MiB": alloc, "peak allocated MiB (study, T4)": study_alloc,
-                "peak reserved MiB": reserved, "peak reserved MiB (study, T4)": study_reserved,
-                "device total MiB": total, **dict(zip(("params MiB", "grads MiB", "optimizer MiB",
-                                                        "activations MiB"), breakdown)), "device": device}
+        row = {"ID": label, "peak allocated MiB": alloc, "peak allocated MiB (study, T4)": study_alloc,
+               "peak reserved MiB": reserved, "peak reserved MiB (study, T4)": study_reserved,
+               "device total MiB": total, **dict(zip(("params MiB", "grads MiB", "optimizer MiB",
+                                                       "activations MiB"), breakdown)), "device": device}
+        return {k: v if k in ("ID", "device") else num(v) for k, v in row.items()}
 
     assert read_table(out, "table5_vram") == [
         vram("A3", ("3087.0", "3256.0", "14915.7"), "3087.0", "3256.0", ("420.0", "420.0", "840.0", "1407.0"), H100),
@@ -198,30 +208,37 @@ def test_report_tables_have_the_expected_cells(reported, mlflow_server):
         vram("C2", (_, _, _), "2100.2", "2344.0", (_, _, _, _), _),
     ]
 
-    def sst2(vid, m, device, study_acc, study_epochs):
-        return {"ID": vid, "trainable / total (pct)": params_cell(m) if m else _,
-                "train min": cell(m, T.M_TRAIN_RUNTIME, 2, 1 / 60), "peak train VRAM MiB": cell(m, T.M_PEAK_TRAIN_ALLOC, 1),
-                "val acc": cell(m, T.M_ACCURACY, 4), "val acc (study, T4)": study_acc,
-                "val acc per epoch (study, T4)": study_epochs, "latency ms/sample": cell(m, T.M_EVAL_MS, 4),
-                "VRAM after load MiB": cell(m, T.M_VRAM_AFTER_LOAD, 1), "peak eval VRAM MiB": cell(m, T.M_PEAK_EVAL_VRAM, 1),
-                "device": device}
+    def sst2(vid, m, device, study_acc, study_epochs, model=_):
+        return {"ID": vid, "model": model, "seeds": "1" if m else "", **params_cells(m),
+                "train min": num(cell(m, T.M_TRAIN_RUNTIME, 2, 1 / 60)),
+                "peak train VRAM MiB": num(cell(m, T.M_PEAK_TRAIN_ALLOC, 1)),
+                "val acc": num(cell(m, T.M_ACCURACY, 4)), "val acc ±95%": "", "val acc (study, T4)": num(study_acc),
+                "val acc per epoch (study, T4)": study_epochs, "latency ms/sample": num(cell(m, T.M_EVAL_MS, 4)),
+                "VRAM after load MiB": num(cell(m, T.M_VRAM_AFTER_LOAD, 1)),
+                "peak eval VRAM MiB": num(cell(m, T.M_PEAK_EVAL_VRAM, 1)), "device": device}
 
     fp32, _tags = server_metrics(client, "sst2", "fp32")
     lora, _tags = server_metrics(client, "sst2", "lora")
     assert fp32[T.M_TRAINABLE] == fp32[T.M_TOTAL] and lora[T.M_TRAINABLE] < lora[T.M_TOTAL]
     table6 = read_table(out, "table6_sst2")
     assert table6 == [
-        sst2("fp32", fp32, "cpu", "0.9163", "0.9025 → 0.9163"),
+        sst2("fp32", fp32, "cpu", "0.9163", "0.9025 → 0.9163", model="random:tiny"),
         sst2("bf16", {}, _, _, _),
-        sst2("lora", lora, "cpu", _, _),
+        sst2("lora", lora, "cpu", _, _, model="random:tiny"),
         sst2("qlora", KNOWN_RUNS[-1][-1], H100, "0.9060", "0.8933 → 0.9060"),
     ]
     # The known QLoRA row in full, so the expectation above is not only the table's own arithmetic again.
-    assert table6[3]["trainable / total (pct)"] == "591,362 / 109,483,778 (0.54%)"
+    assert [table6[3][c] for c in ("trainable params", "total params", "trainable %")] == ["591362", "109483778",
+                                                                                           "0.54"]
     assert [table6[3][c] for c in ("train min", "peak train VRAM MiB", "val acc", "latency ms/sample",
                                    "VRAM after load MiB", "peak eval VRAM MiB")] == \
         ["7.55", "1638.9", "0.9060", "3.2502", "99.0", "1124.7"]
-    assert table6[0]["peak train VRAM MiB"] == _  # not measured on CPU: absent, never 0
+    assert table6[0]["peak train VRAM MiB"] == ""  # not measured on CPU: absent, never 0
+    # Table 7: one seed each, so differences without intervals; fp32 is the SST-2 baseline
+    stats = {(r["ID"], r["metric"]): r for r in read_table(out, "table7_statistics")}
+    assert stats[("A1", "F1")]["diff"] == f"{76.62 - a2[T.M_F1]:.2f}"
+    assert stats[("A1", "F1")]["verdict"] == "one seed: no interval" and stats[("A2", "F1")]["verdict"] == "baseline"
+    assert stats[("lora", "val acc")]["baseline"] == "fp32" and stats[("fp32", "val acc")]["verdict"] == "baseline"
 
     # The Markdown went to stdout and to report.md; each table also as LaTeX.
     assert "# hpml report" in res.stdout and "### Table 6: SST-2" in res.stdout

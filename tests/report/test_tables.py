@@ -11,7 +11,8 @@ from hpml.errors import HpmlError, UsageError
 from hpml.report import study
 from hpml.report.tables import (
     MISSING, EmptyReportError, Table, build_report, render_all, select_runs, table1_configurations,
-    table2_a_series, table3_b_series, table4_c_series, table5_vram, table_sst2, to_csv, to_latex, to_markdown,
+    table2_a_series, table3_b_series, table4_c_series, table5_vram, table7_statistics, table_sst2, to_csv, to_latex,
+    to_markdown,
 )
 from hpml.tracking import (
     M_ACCURACY, M_DEVICE_TOTAL, M_EVAL_MS, M_EVAL_RUNTIME, M_EVAL_SPS, M_EXACT, M_F1, M_FULL_ARCH_PARAMS,
@@ -107,8 +108,20 @@ def test_select_handles_search_runs_empty_shapes():
 
 
 # ---- the tables, cell by cell ------------------------------------------------------------------------
-SQUAD_COLUMNS = ["ID", "EM", "EM (study, T4)", "F1", "F1 (study, T4)", "T_eval s", "eval samp/s", "train loss",
-                 "T_train s", "train samp/s", "device"]
+SQUAD_COLUMNS = ["ID", "model", "seeds", "EM", "EM (study, T4)", "F1", "F1 ±95%", "F1 (study, T4)", "T_eval s",
+                 "eval samp/s", "train loss", "T_train s", "train samp/s", "train samp/s ±95%", "device"]
+
+
+def widen(row, at=1):
+    """A row in the study's column order, widened by hpml's columns: model and seeds after the ID (and key
+    knobs), the ±95% half-widths after F1 and train samp/s (— for these one-seed runs)."""
+    measured = row[at + 0] != _
+    head, (em, em_s, f1, f1_s, t_eval, eval_sps, loss, t_train, train_sps, device) = row[:at], row[at:]
+    return [*head, _, "1" if measured else _, em, em_s, f1, _, f1_s, t_eval, eval_sps, loss, t_train, train_sps, _,
+            device]
+SEEDS_NOTE = ("Measured numbers are means over the seeds column's runs (the newest run's recipe: same configuration "
+              "and data, newest run per seed); ±95% is the half-width of the 95% t-interval of the mean, — below 2 "
+              "seeds. Table 7 has std, intervals and differences to each baseline.")
 STUDY_NOTE = ("Columns marked “(study, T4)” are the source study's published numbers, measured on one NVIDIA T4; "
               "all other numbers were measured by hpml on the device in the `device` column, so compare ratios "
               "between variants, not absolute times.")
@@ -125,24 +138,25 @@ def test_table1_lists_the_whole_catalog():
     assert rows.loc["c1", "requires CUDA"] == "yes" and rows.loc["qlora", "requires CUDA"] == "yes"
     assert rows.loc["fp32", "study label"] == "BERT FP32"
     assert rows.loc["bf16", "study label"] == MISSING
-    assert "bf16, lora, mnli-full, mnli-lora: hpml additions, in neither study (study label —)." in t.footnotes
+    assert "p0, p1, p2, bf16, lora, mnli-full, mnli-lora: hpml additions, in neither study (study label —)." in t.footnotes
 
 
 def test_table2_a_series(runs):
     t = table2_a_series(runs)
     assert t.name == "table2_a_series"
     assert list(t.frame.columns) == SQUAD_COLUMNS
-    assert t.frame.values.tolist() == [
+    assert t.frame.values.tolist() == [widen(r) for r in [
         ["A1", "73.46", "73.21", "76.99", "76.62", "12.35", "181.20", "0.796", "900.10", "43.91", H100],
         ["A2", "73.10", "73.26", "76.50", "76.56", "14.00", "160.00", "0.800", "990.00", "41.00", H100],
         ["A3", _, "73.37", _, "76.89", _, _, _, _, _, _],  # only a FAILED run: never enters
         ["A4-nb", "73.80", "73.78", "77.20", "77.23", "8.00", "270.00", "0.790", "760.00", "51.60", H100],
         ["A4-b", _, "25.82", _, "26.87", _, _, _, _, _, _],
         ["D1", "73.00", "73.04", "76.30", "76.35", "13.50", "175.00", "0.793", "870.00", _, H100],
-    ]
+    ]]
     assert t.footnotes == [
         STUDY_NOTE,
         "EM and F1 in percent on the SQuAD v2 dev set; samp/s counts features (context windows), not questions.",
+        SEEDS_NOTE,
         "A4-b was the study's failed ablation: length bucketing broke its accuracy (study EM 25.82).",
         "A3, A4-b: no FINISHED run found; measured cells show —.",
     ]
@@ -151,11 +165,11 @@ def test_table2_a_series(runs):
 def test_table3_b_series(runs):
     t = table3_b_series(runs)
     assert list(t.frame.columns) == SQUAD_COLUMNS
-    assert t.frame.values.tolist() == [
+    assert t.frame.values.tolist() == [widen(r) for r in [
         ["B1", "51.00", "51.12", "55.00", "54.95", "16.00", "150.00", "1.940", "560.00", "70.40", H100],
         ["B2", _, "54.61", _, "58.00", _, _, _, _, _, _],
         ["B3", _, "68.21", _, "71.99", _, _, _, _, _, _],
-    ]
+    ]]
     assert "B2, B3: no FINISHED run found; measured cells show —." in t.footnotes
 
 
@@ -163,12 +177,12 @@ def test_table4_c_series_has_key_knobs(runs):
     t = table4_c_series(runs)
     assert list(t.frame.columns) == ["ID", "key knobs", *SQUAD_COLUMNS[1:]]
     knobs = {vid: get_variant(vid).knobs() for vid in ("c1", "c2-8", "c2")}
-    assert t.frame.values.tolist() == [
+    assert t.frame.values.tolist() == [widen(r, at=2) for r in [
         ["C1", knobs["c1"], "72.60", "72.64", "76.30", "76.27", "15.00", "162.00", "0.810", "850.00", "46.00", H100],
         ["C2-8", knobs["c2-8"], _, "72.67", _, "76.14", _, _, _, _, _, _],
         ["C2", knobs["c2"], "70.90", "70.85", "74.50", "74.53", "15.50", "161.00", "0.820", "1060.00", "38.00",
          H100],
-    ]
+    ]]
     assert "C2-8: no FINISHED run found; measured cells show —." in t.footnotes
 
 
@@ -200,23 +214,66 @@ def test_table_sst2(runs):
     t = table_sst2(runs)
     assert t.name == "table6_sst2"
     assert list(t.frame.columns) == [
-        "ID", "trainable / total (pct)", "train min", "peak train VRAM MiB", "val acc", "val acc (study, T4)",
-        "val acc per epoch (study, T4)", "latency ms/sample", "VRAM after load MiB", "peak eval VRAM MiB", "device"]
+        "ID", "model", "seeds", "trainable params", "total params", "trainable %", "train min", "peak train VRAM MiB",
+        "val acc", "val acc ±95%", "val acc (study, T4)", "val acc per epoch (study, T4)", "latency ms/sample",
+        "VRAM after load MiB", "peak eval VRAM MiB", "device"]
     assert t.frame.values.tolist() == [
-        ["fp32", "109,483,778 / 109,483,778 (100%)", "14.59", "2526.1", "0.9163", "0.9163", "0.9025 → 0.9163",
+        ["fp32", _, "1", "109483778", "109483778", "100", "14.59", "2526.1", "0.9163", _, "0.9163", "0.9025 → 0.9163",
          "7.5969", "421.0", "1513.7", H100],
-        ["bf16", _, _, _, _, _, _, _, _, _, _],
-        ["lora", _, _, _, _, _, _, _, _, _, _],  # its only run is still RUNNING
-        ["qlora", "591,362 / 109,483,778 (0.54%)", "7.55", "1638.9", "0.9060", "0.9060", "0.8933 → 0.9060",
+        ["bf16", _, _, _, _, _, _, _, _, _, _, _, _, _, _, _],
+        ["lora", _, _, _, _, _, _, _, _, _, _, _, _, _, _, _],  # its only run is still RUNNING
+        ["qlora", _, "1", "591362", "109483778", "0.54", "7.55", "1638.9", "0.9060", _, "0.9060", "0.8933 → 0.9060",
          "3.2502", "99.0", "1124.7", H100],
     ]
     assert "bf16, lora: no FINISHED run found; measured cells show —." in t.footnotes
     assert "bf16, lora: hpml additions; study 2 has no numbers for them." in t.footnotes
 
 
+def seeded(run_id, variant, minute, seed, f1, sps, recipe="r1"):
+    row = run(run_id, "squad", variant, minute, squad(f1 - 3.0, f1, 1.0, 100.0, 0.5, 10.0, sps))
+    row.update({"tags.recipe_hash": f"{variant}-{recipe}", "params.resolved.seed": str(seed),
+                "params.model": "random:tiny"})
+    return row
+
+
+def test_seed_repeats_give_means_intervals_and_differences_to_the_baseline():
+    import math
+
+    from scipy import stats as sps
+
+    df = frame([
+        seeded("a2-s42", "a2", 1, 42, 76.0, 40.0),
+        seeded("a2-s43", "a2", 2, 43, 77.0, 42.0),
+        seeded("a2-s44-old", "a2", 3, 44, 10.0, 1.0),  # the same seed again later: only the newer counts
+        seeded("a2-s44", "a2", 4, 44, 78.0, 44.0),
+        seeded("a2-r0", "a2", 0, 45, 50.0, 9.0, recipe="r0"),  # an older recipe (other config/data): not counted
+        seeded("a1-s42", "a1", 5, 42, 76.5, 30.0),
+        seeded("a1-s43", "a1", 6, 43, 77.5, 31.0),
+        seeded("a4-s42", "a4-nb", 7, 42, 70.0, 60.0),
+    ])
+    t2 = table2_a_series(df)
+    a2 = dict(zip(t2.frame.columns, t2.frame.values.tolist()[1]))
+    assert (a2["ID"], a2["model"], a2["seeds"], a2["F1"], a2["train samp/s"]) == ("A2", "random:tiny", "3", "77.00",
+                                                                                  "42.00")
+    assert a2["F1 ±95%"] == f"{sps.t.ppf(0.975, 2) / math.sqrt(3):.2f}" == "2.48"  # std 1 over 3 seeds
+
+    rows = {(r["ID"], r["metric"]): r for r in table7_statistics(df).frame.to_dict("records")}
+    assert rows[("A2", "F1")]["verdict"] == "baseline" and rows[("A2", "F1")]["std"] == "1.00"
+    same = rows[("A1", "F1")]  # 77.0 vs 77.0: the interval straddles 0
+    assert (same["mean"], same["diff"], same["verdict"]) == ("77.00", "0.00", "within noise")
+    slower = rows[("A1", "train samp/s")]
+    ci = sps.ttest_ind([30.0, 31.0], [40.0, 42.0, 44.0], equal_var=False).confidence_interval(0.95)
+    assert (slower["diff"], slower["diff CI95 low"], slower["diff CI95 high"]) == (
+        "-11.50", f"{ci.low:.2f}", f"{ci.high:.2f}")
+    assert slower["verdict"] == "lower" and ci.high < 0
+    one = rows[("A4-nb", "F1")]
+    assert (one["seeds"], one["std"], one["CI95 low"], one["verdict"]) == ("1", _, _, "one seed: no interval")
+    assert not any(k[0].startswith("B") for k in rows)  # no B run: Table 3 has no rows, not even its baseline
+
+
 def test_study_numbers_cover_the_catalog_and_agree_with_each_other():
     # (Comparing each transcribed constant with the same literal again could not fail; these can.)
-    assert set(study.SQUAD_RESULTS) == {v.id for v in CATALOG if v.task == "squad"}
+    assert set(study.SQUAD_RESULTS) == {v.id for v in CATALOG if v.task == "squad" and v.study_id}
     assert set(study.SST2_RESULTS) <= {v.id for v in CATALOG if v.task == "sst2"}
     for r in study.SQUAD_RESULTS.values():
         assert r.f1 >= r.em  # F1 gives partial credit, so it is never below EM
@@ -236,7 +293,7 @@ def test_small_data_and_mixed_runs_are_flagged(runs):
 def test_build_report_order(runs):
     tables = build_report(runs)
     assert [t.name for t in tables] == ["table1_configurations", "table2_a_series", "table3_b_series",
-                                        "table4_c_series", "table5_vram", "table6_sst2"]
+                                        "table4_c_series", "table5_vram", "table6_sst2", "table7_statistics"]
     # the filter reaches the tables: with purpose=test nothing matches but one run
     test_run = run("a2-test", "squad", "a2", 40, squad(5.0, 6.0, 1.0, 1.0, 1.0, 1.0, 1.0), purpose="test")
     df = pd.concat([runs, pd.DataFrame([test_run])], ignore_index=True)
@@ -288,9 +345,9 @@ def test_markdown_of_a_real_table_has_one_line_per_row(runs):
     text = to_markdown(table2_a_series(runs))
     lines = text.splitlines()
     assert lines[0] == "### Table 2: SQuAD v2, A series (attention, compile, batching) and D1"
-    assert lines[2].startswith("| ID    |    EM | EM (study, T4) |")
-    assert lines[4] == ("| A1    | 73.46 |          73.21 | 76.99 |          76.62 |    12.35 |      181.20 |"
-                        "      0.796 |    900.10 |        43.91 | NVIDIA H100 80GB HBM3 |")
+    assert lines[2].startswith("| ID    | model | seeds |    EM | EM (study, T4) |")
+    assert lines[4] == ("| A1    | —     |     1 | 73.46 |          73.21 | 76.99 |       — |          76.62 |    12.35 |"
+                        "      181.20 |      0.796 |    900.10 |        43.91 |                 — | NVIDIA H100 80GB HBM3 |")
     assert sum(1 for ln in lines if ln.startswith("| ")) == 1 + 6
 
 
@@ -315,12 +372,17 @@ def test_latex_escapes_special_characters():
     )
 
 
-def test_csv_round_trips_cells_with_commas(runs):
+def test_csv_number_columns_hold_only_numbers(runs):
     t = table_sst2(runs)
     back = list(csv.reader(io.StringIO(to_csv(t))))
     assert back[0] == list(t.frame.columns)
-    assert back[1:] == t.frame.values.tolist()
-    assert back[1][1] == "109,483,778 / 109,483,778 (100%)"
+    text = {"ID", "model", "val acc per epoch (study, T4)", "device"}
+    for row in back[1:]:
+        for column, cell in zip(back[0], row):
+            if column not in text and cell != "":
+                float(cell)  # every number column parses; — is written empty
+    assert back[1][:6] == ["fp32", "—", "1", "109483778", "109483778", "100"]
+    assert back[2] == ["bf16", "—", "", "", "", "", "", "", "", "", "", "—", "", "", "", "—"]
 
 
 def test_render_all_writes_the_requested_files(runs, tmp_path):
@@ -335,10 +397,10 @@ def test_render_all_writes_the_requested_files(runs, tmp_path):
     assert report.splitlines()[2] == (
         "Study numbers (columns marked “(study, T4)”) were measured by the source studies on one NVIDIA T4; "
         f"hpml's numbers were measured on {H100} (each row's `device` column).")
-    assert report.count("### Table ") == 6
+    assert report.count("### Table ") == 7
     assert (tmp_path / "out" / "table2_a_series.csv").read_text(encoding="utf-8") == to_csv(tables[1])
 
     only_csv = render_all(tables, ["csv"], tmp_path / "csv")
-    assert [p.suffix for p in only_csv] == [".csv"] * 6
+    assert [p.suffix for p in only_csv] == [".csv"] * 7
     with pytest.raises(UsageError, match="pdf"):
         render_all(tables, "md,pdf", tmp_path / "bad")
