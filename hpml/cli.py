@@ -8,8 +8,9 @@ import sys
 
 import click
 
-from hpml.config import (BENCH_PARAMS, REPORT_PARAMS, SERIES_PARAMS, SQUAD_PARAMS, SST2_PARAMS, VRAM_PARAMS, Param, TrainConfig,
+from hpml.config import (BENCH_PARAMS, REPORT_PARAMS, SERIES_PARAMS, VRAM_PARAMS, Param, TrainConfig,
                          small_run_note)
+from hpml.tasks import all_tasks, get_task, task_names
 from hpml.errors import HpmlError
 
 TYPES = {"string": str, "int": int, "float": float}
@@ -101,14 +102,16 @@ def main():
 
 
 @main.command("variants")
-@click.option("--task", type=click.Choice(["squad", "sst2"]), default=None, help="only this task's variants")
+@click.option("--task", type=click.Choice(task_names()), default=None, help="only this task's variants")
 def variants_cmd(task):
     """List the variant catalog: ID, task, CUDA need, description."""
     from hpml.variants import variants_for
 
-    for v in variants_for(task):
+    shown = variants_for(task)
+    width = max(len(v.id) for v in shown)
+    for v in shown:
         cuda = "cuda" if v.requires_cuda else "any "
-        click.echo(f"{v.id:7} {v.task:6} {cuda}  {v.description}")
+        click.echo(f"{v.id:{width}} {v.task:6} {cuda}  {v.description}")
 
 
 def _train(task: str, kw: dict):
@@ -152,29 +155,30 @@ def _train(task: str, kw: dict):
 
 
 def _print_summary(task: str, summary: dict):
+    spec = get_task(task)
     m = summary["metrics"]
-    headline = ("eval_exact", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1") if task == "squad" else ("eval_accuracy",)
-    shown = ", ".join(f"{k}={m[k]:.4g}" for k in headline + ("train_runtime_s", "train_samples_per_s") if k in m)
+    shown = ", ".join(f"{k}={m[k]:.4g}" for k in spec.shown + ("train_runtime_s", "train_samples_per_s") if k in m)
     click.echo(f"run {summary['run_id']} ({summary['variant']}): {shown}")
     if "registered" in summary:
         champ = " (champion)" if summary["champion"] else ""
         click.echo(f"registered {summary['registered']} version {summary['version']}{champ}")
 
 
-@main.command("train-sst2")
-@options(SST2_PARAMS)
-@one_line_errors
-def train_sst2(**kw):
-    """Fine-tune on SST-2 with one variant; log to MLflow and register the model."""
-    _train("sst2", kw)
+def _train_command(spec):
+    """`hpml train-<task>`: its options are the task's declared parameters (spec.params)."""
+
+    @options(list(spec.params))
+    @one_line_errors
+    def command(**kw):
+        _train(spec.name, kw)
+
+    command.__doc__ = (f"Fine-tune on {spec.title} with one variant; evaluate ({spec.headline}), log to MLflow "
+                       "and register the model.")
+    return main.command(spec.command)(command)
 
 
-@main.command("train-squad")
-@options(SQUAD_PARAMS)
-@one_line_errors
-def train_squad(**kw):
-    """Fine-tune on SQuAD v2 with one variant; score like the official evaluator; log and register."""
-    _train("squad", kw)
+for _spec in all_tasks().values():
+    _train_command(_spec)
 
 
 @main.command("resume")
@@ -262,15 +266,14 @@ def score(data_path, preds_path, na_probs_path):
 
 
 @main.command("make-data")
-@click.argument("task", type=click.Choice(["squad", "sst2"]))
+@click.argument("task", type=click.Choice(task_names()))
 @click.option("--out", required=True, help="output folder")
 @click.option("--train", "n_train", type=int, default=None, help="training rows/questions")
 @click.option("--dev", "n_dev", type=int, default=None, help="dev rows/questions")
 @click.option("--seed", type=int, default=0, show_default=True)
 @one_line_errors
 def make_data(task, out, n_train, n_dev, seed):
-    """Generate official-format data: SQuAD v2 JSON or GLUE SST-2 TSV (for tests, demos, benchmarks)."""
-    from hpml.data import synthetic
+    """Generate official-format data: SQuAD v2 JSON, GLUE SST-2 TSV or GLUE MNLI TSV (tests, demos, benchmarks)."""
     from hpml.errors import UsageError
     from hpml.validate import check_writable_dir
 
@@ -278,10 +281,9 @@ def make_data(task, out, n_train, n_dev, seed):
         if n is not None and n <= 0:
             raise UsageError(f"{name} must be > 0 rows/questions, got {n}")
     check_writable_dir(out, "--out")
-    if task == "squad":
-        paths = synthetic.write_squad(out, n_train or 2000, n_dev or 500, seed)
-    else:
-        paths = synthetic.write_sst2(out, n_train or 4000, n_dev or 500, seed)
+    spec = get_task(task)
+    default_train, default_dev = spec.make_data_sizes
+    paths = spec.make_data(out, n_train or default_train, n_dev or default_dev, seed)
     for p in paths:
         click.echo(p)
 
@@ -309,14 +311,15 @@ def series(name, **kw):
 
 
 @main.command("models")
-@click.option("--task", type=click.Choice(["squad", "sst2"]), default=None, help="only this task's models")
+@click.option("--task", type=click.Choice(task_names()), default=None, help="only this task's models")
 @one_line_errors
 def models_cmd(task):
     """List registered hpml models: every version with its aliases, headline metric, purpose and variant."""
     from hpml import tracking
 
     uri = tracking.connect()
-    rows = [r for r in tracking.list_registered() if task in (None, r["task"])]
+    headlines = {name: spec.headline for name, spec in all_tasks().items()}
+    rows = [r for r in tracking.list_registered(headlines) if task in (None, r["task"])]
     if not rows:
         click.echo(f"no hpml models registered at {uri}")
         return
@@ -365,15 +368,15 @@ def server_cmd(backend_store_uri, auth_database_uri, artifacts_destination, host
 @click.option("--question", default=None, help="SQuAD models: the question (with --context)")
 @click.option("--context", "passage", default=None, help="SQuAD models: the passage to answer from")
 @click.option("--file", "in_file", default=None,
-              help='JSON lines, one input per line: {"text": …} or {"question": …, "context": …}; '
-                   'an "id" is copied to the output')
+              help='JSON lines, one input per line: {"text": …}, {"question": …, "context": …} or '
+                   '{"premise": …, "hypothesis": …}; an "id" is copied to the output')
 @click.option("--out", default=None, help="write the JSON lines here instead of stdout")
 @click.option("--base-model", default=None,
               help="local folder of an adapter's base model, instead of the one recorded at training (offline use)")
 @one_line_errors
 def predict(model_uri, text, question, passage, in_file, out, base_model):
     """Predict with a registered model: one JSON line per input ({answer, score, null_score} for SQuAD, with
-    "" for no answer; {label, probability} for SST-2)."""
+    "" for no answer; {label, probability} for SST-2 and MNLI, whose pairs come in a --file)."""
     from hpml import serving
     from hpml.errors import UsageError
 
@@ -396,9 +399,11 @@ def predict(model_uri, text, question, passage, in_file, out, base_model):
 
         frame = pd.DataFrame([{"text": text} if text is not None else {"question": question, "context": passage}])
     predictor = serving.open_model(model_uri, base_model)
-    if in_file is None and (text is not None) != (predictor.task == "sst2"):
-        raise UsageError(f"{model_uri} is a {predictor.task} model: pass "
-                         + ("--text" if predictor.task == "sst2" else "--question and --context"))
+    wanted = tuple(predictor.spec.input_columns)
+    if in_file is None and tuple(frame.columns) != wanted:
+        flags = {("text",): "--text", ("question", "context"): "--question and --context"}
+        how = flags.get(wanted, f"--file with JSON lines holding {', '.join(repr(c) for c in wanted)}")
+        raise UsageError(f"{model_uri} is a {predictor.task} model: pass {how}")
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n"
                     for r in serving.output_records(frame, predictor.predict(frame)))
     if out:

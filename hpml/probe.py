@@ -1,29 +1,23 @@
-"""vram_probe: the study's training-step VRAM method, plus where the memory goes (params/grads/optimizer/rest)."""
+"""vram_probe: the study's training-step VRAM method, plus where the memory goes (params/grads/optimizer/rest).
+
+The probed step is a real Trainer step of the variant, built by the same technique pipeline and Trainer
+construction as training (modeling.apply_techniques, training.build_trainer): attention, 4-bit base,
+LoRA/BitFit/freezing, autocast, compile, optimizer and checkpointing are applied once, in one place.
+"""
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 
 import torch
 
 from hpml import modeling, tracking
+from hpml.config import ProbeConfig, TrainConfig
 from hpml.errors import UsageError
 from hpml.metrics.memory import mib
+from hpml.tasks import Prepared, get_task
 from hpml.variants import Variant, get_variant
 
-DEFAULT_SEQ = {"squad": 384, "sst2": 128}
-
-
-@dataclass
-class ProbeConfig:
-    variant: str
-    task: str = ""
-    batch_size: int = 8
-    seq_len: int = 0
-    precision: str = "fp16"
-    model: str = "bert-base-uncased"
-    experiment: str = "hpml-vram"
-    purpose: str = "real"
+__all__ = ["ProbeConfig", "run_probe", "resolve", "optimizer_state_bytes"]
 
 
 def tensor_bytes(tensors) -> int:
@@ -32,28 +26,24 @@ def tensor_bytes(tensors) -> int:
 
 def optimizer_state_bytes(optimizer) -> int:
     """Moments (and 8-bit quantization maps) as really allocated: the tensors inside optimizer.state."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
     return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
 
 
-def make_optimizer(variant: Variant, params, lr: float):
-    if variant.optimizer.name == "adamw_8bit":
-        import bitsandbytes as bnb
+def synthetic_features(spec, n: int, seq_len: int, vocab: int):
+    """`n` full-length rows of random tokens with labels of the task's kind (a fixed seed: every probe of a
+    shape sees the same batch)."""
+    import datasets
 
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=variant.optimizer.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=variant.optimizer.weight_decay)
-
-
-def synthetic_batch(task: str, batch_size: int, seq_len: int, vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1000, vocab, (batch_size, seq_len), generator=g),
-             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-             "token_type_ids": torch.zeros(batch_size, seq_len, dtype=torch.long)}
-    if task == "squad":
-        batch["start_positions"] = torch.randint(0, seq_len, (batch_size,), generator=g)
-        batch["end_positions"] = torch.randint(0, seq_len, (batch_size,), generator=g)
+    rows = {"input_ids": torch.randint(1000, vocab, (n, seq_len), generator=g).tolist(),
+            "attention_mask": [[1] * seq_len] * n, "token_type_ids": [[0] * seq_len] * n, "length": [seq_len] * n}
+    if spec.num_labels:
+        rows["labels"] = torch.randint(0, spec.num_labels, (n,), generator=g).tolist()
     else:
-        batch["labels"] = torch.randint(0, 2, (batch_size,), generator=g)
-    return {k: v.cuda() for k, v in batch.items()}
+        rows["start_positions"] = torch.randint(0, seq_len, (n,), generator=g).tolist()
+        rows["end_positions"] = torch.randint(0, seq_len, (n,), generator=g).tolist()
+    return datasets.Dataset.from_dict(rows)
 
 
 def resolve(cfg: ProbeConfig) -> tuple[Variant, str, int]:
@@ -66,13 +56,15 @@ def resolve(cfg: ProbeConfig) -> tuple[Variant, str, int]:
     if not torch.cuda.is_available():
         raise UsageError("vram_probe measures CUDA memory and needs a GPU: run it on a GPU machine "
                          "(this one has no CUDA device)")
-    return variant, task, cfg.seq_len or DEFAULT_SEQ[task]
+    max_length = next(p.default for p in get_task(task).params if p.name == "max_length")
+    return variant, task, cfg.seq_len or max_length
 
 
 def run_probe(cfg: ProbeConfig) -> dict[str, float]:
     variant, task, seq_len = resolve(cfg)
     tracking.connect()
-    tags = {tracking.TAG_VARIANT: variant.id, tracking.TAG_PURPOSE: cfg.purpose, tracking.TAG_PRECISION: cfg.precision,
+    precision = modeling.resolve_precision(variant, "cuda") if variant.precision.quantization else cfg.precision
+    tags = {tracking.TAG_VARIANT: variant.id, tracking.TAG_PURPOSE: cfg.purpose, tracking.TAG_PRECISION: precision,
             "probed_task": task}
     resolved = {f"resolved.{k}": v for k, v in vars(cfg).items()} | {"resolved.seq_len": seq_len,
                                                                       "resolved.task": task}
@@ -83,46 +75,51 @@ def run_probe(cfg: ProbeConfig) -> dict[str, float]:
     return metrics
 
 
-def measure(variant: Variant, task: str, cfg: ProbeConfig, seq_len: int, work: str) -> dict[str, float]:
-    """One warm-up step (not measured), reset peaks, one measured step, optimizer step included."""
-    built = modeling.build_model(variant, cfg.model, task, work, seed=0)
+def measure(variant: Variant, task: str, cfg: ProbeConfig, seq_len: int, work: str,
+            device: str = "cuda") -> dict[str, float]:
+    """Two Trainer steps: the first warms up (optimizer state, compiled graphs, allocator), then peaks are
+    reset and the second, optimizer step included, is measured. (`device`: tests run the steps on a CPU.)"""
+    from transformers import TrainerCallback
+
+    from hpml.training import build_trainer
+
+    spec = get_task(task)
+    built = modeling.apply_techniques(variant, spec, cfg.model, work, seed=0, device=device, precision=cfg.precision)
+    features = synthetic_features(spec, 2 * cfg.batch_size, seq_len, built.model.config.vocab_size)
+    run_cfg = TrainConfig(task=task, variant=variant.id, model=cfg.model, batch_size=cfg.batch_size,
+                          max_length=seq_len, max_steps=2, seed=0)
+    seen: dict[str, float] = {}
+
+    class Meter(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if state.global_step == 1:  # gradients as allocated, just before the optimizer consumes them
+                seen["grads"] = tensor_bytes(p.grad for p in built.model.parameters() if p.grad is not None)
+
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            if state.global_step == 2:
+                torch.cuda.synchronize()
+                seen["peak"] = torch.cuda.max_memory_allocated()
+                seen["reserved"] = torch.cuda.max_memory_reserved()
+                seen["optimizer"] = optimizer_state_bytes(optimizer)
+
+    trainer = build_trainer(spec, variant, run_cfg, built, Prepared(features, None, None, ""), work, device,
+                            callbacks=[Meter()])
+    trainer.train()
     model = built.model
-    if not variant.precision.quantization:
-        model.cuda()
-    if variant.memory.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    step_model = torch.compile(model, backend=variant.compile.backend) if variant.compile.enabled else model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(variant, trainable, variant.optimizer.lr)
-    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and not variant.precision.quantization)
-    batch = synthetic_batch(task, cfg.batch_size, seq_len, model.config.vocab_size)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=dtype):
-            loss = step_model(**batch).loss
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up: allocates optimizer state, compiles, fills the caching allocator
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = mib(torch.cuda.max_memory_allocated())
-    params = mib(tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()))
-    grads = mib(tensor_bytes(trainable))  # each trainable parameter holds a same-sized gradient at the peak
-    opt_state = mib(optimizer_state_bytes(optimizer))
+    params = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
     return {
-        tracking.M_PROBE_ALLOC: peak,
-        tracking.M_PROBE_RESERVED: mib(torch.cuda.max_memory_reserved()),
+        tracking.M_PROBE_ALLOC: mib(seen["peak"]),
+        tracking.M_PROBE_RESERVED: mib(seen["reserved"]),
         tracking.M_DEVICE_TOTAL: mib(torch.cuda.get_device_properties(0).total_memory),
-        tracking.M_MEM_PARAMS: params,
-        tracking.M_MEM_GRADS: grads,
-        tracking.M_MEM_OPTIMIZER: opt_state,
-        tracking.M_MEM_ACTIVATIONS: max(0.0, peak - params - grads - opt_state),
+        tracking.M_MEM_PARAMS: mib(params),
+        tracking.M_MEM_GRADS: mib(seen["grads"]),
+        tracking.M_MEM_OPTIMIZER: mib(seen["optimizer"]),
+        # The rest of the peak: activations saved for backward, autocast copies, workspace.
+        tracking.M_MEM_ACTIVATIONS: max(0.0, mib(seen["peak"] - params - seen["grads"] - seen["optimizer"])),
         **built.counts.as_metrics(),
     }

@@ -22,7 +22,9 @@ TAG_GIT_COMMIT = "git_commit"
 TAG_DEVICE = "device"  # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
 TAG_CONFIG_HASH = "config_hash"
 TAG_RECIPE = "recipe_hash"  # config hash without the seed, + data fingerprint: runs that are seed repeats
-TAG_PRECISION = "precision"  # resolved: fp32 | fp16 | bf16
+TAG_PRECISION = "precision"  # what ran: fp32 | fp16 | bf16 (autocast) | nf4-fp16 | nf4-bf16 (4-bit base)
+TAG_ATTENTION = "attention"  # the attention implementation the trained model really used (eager | sdpa)
+TAG_COMPILED = "compiled"  # the torch.compile backend the Trainer really wrapped the model with, or "no"
 TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
 TAG_HOST = "hpml.host"  # where the run's process lives: with TAG_PID, finds runs left RUNNING by kill -9
 TAG_PID = "hpml.pid"
@@ -36,7 +38,7 @@ TAG_SERIES_CHILD = "series_child"  # a child's slot in its series: "<variant>/se
 TAG_SERIES_RESUMED = "series_resumed_into"  # on a run `mlflow run` made for a resumed series: the parent
 
 PURPOSES = ("demo", "test", "real")
-TASKS = ("squad", "sst2", "vram", "report", "series")
+TASKS = ("squad", "sst2", "mnli", "vram", "report", "series")
 
 # Metrics shared by both tasks (units in the names)
 M_TRAIN_LOSS = "train_loss"
@@ -74,11 +76,8 @@ M_MEM_GRADS = "vram_grads_mib"
 M_MEM_OPTIMIZER = "vram_optimizer_mib"
 M_MEM_ACTIVATIONS = "vram_activations_mib"
 
-HEADLINE = {"squad": M_F1, "sst2": M_ACCURACY}  # the metric the champion alias compares
-
-DEFAULT_EXPERIMENT = {"squad": "hpml-squad", "sst2": "hpml-sst2", "vram": "hpml-vram", "report": "hpml-report",
-                      "series": "hpml-series",
-                      "bench": "hpml-bench"}
+DEFAULT_EXPERIMENT = {"squad": "hpml-squad", "sst2": "hpml-sst2", "mnli": "hpml-mnli", "vram": "hpml-vram",
+                      "report": "hpml-report", "series": "hpml-series", "bench": "hpml-bench"}
 CHAMPION = "champion"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -375,60 +374,101 @@ def log_dict(obj: object, name: str) -> None:
 
 
 # ---- registry -----------------------------------------------------------------------------------------
-def register_model(export_dir: str, task: str, variant_id: str, metrics: dict[str, float],
-                   tags: dict[str, str]) -> tuple[str, int, bool]:
-    """Log the export as an hpml pyfunc, register a new version, move `champion` by the rule in CONVENTIONS.
+def register_model(export_dir: str, name: str, model: dict, headline: str, metrics: dict[str, float],
+                   tags: dict[str, str]) -> tuple[int, bool]:
+    """Log the export as a pyfunc, register a new version of `name`, move `champion` by champion_rule.
 
-    Returns (registered name, version, became_champion). A failure after the version exists deletes it:
-    a failed run leaves no registry entry behind.
+    `model`: python_model (a models-from-code file), signature, pip_requirements and code_paths, from the
+    caller (serving.model_spec): this module imports no other hpml module. `headline`: the metric the alias
+    compares. Returns (version, became_champion). A failure after the version exists deletes it: a failed run
+    leaves no registry entry behind.
     """
     import mlflow
     from mlflow import MlflowClient
 
-    from hpml import serving
-
-    name = registered_model_name(task, variant_id)
     # Models from code: the pyfunc is a file, not a pickled object (and weights are safetensors). No input
     # example: MLflow would load and run the model once more just to validate it.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example.*")
-        info = mlflow.pyfunc.log_model(name="model", python_model=serving.PYFUNC_FILE,
-                                       artifacts={"export": export_dir}, signature=serving.signature(task),
-                                       pip_requirements=serving.pip_requirements())
+        info = mlflow.pyfunc.log_model(name="model", artifacts={"export": export_dir}, **model)
     from hpml import signals
 
     client = MlflowClient()
-    headline = HEADLINE[task]
     # Every tag goes in with the version and the alias is decided before it exists, so the store never
     # holds a READY version without its metric tags (a kill between calls used to leave one).
-    version_tags = {TAG_VARIANT: variant_id, **tags, "run_id": mlflow.active_run().info.run_id,
+    version_tags = {**tags, "run_id": mlflow.active_run().info.run_id,
                     **{k: repr(float(v)) for k, v in metrics.items() if k in (headline, M_EXACT, M_ACCURACY, M_F1)}}
-    became = should_become_champion(client, name, 0, task, metrics[headline], tags)
+    became = champion_rule(current_champion(client, name), metrics[headline], tags, headline)
     version = None
     try:
         with signals.deferred():  # a signal waits for the version's number, then the except below deletes it
             mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
             version = int(mv.version)
-        if became:
-            client.set_registered_model_alias(name, CHAMPION, str(version))
-        return name, version, became
+            if became:
+                client.set_registered_model_alias(name, CHAMPION, str(version))
+            # Concurrent registrations (a team server) read the alias before each other's versions existed:
+            # settle it as if the versions had registered one after another.
+            became = settle_champion(client, name, headline) == version
+        return version, became
     except BaseException:
         if version is not None:
             client.delete_model_version(name, str(version))
         raise
 
 
-def should_become_champion(client, name: str, version: int, task: str, value: float, tags: dict[str, str]) -> bool:
-    """First version: yes. Otherwise compare with the champion only within the same purpose + data
-    fingerprint (strictly greater wins); a `real` version displaces a demo/test champion."""
+def settle_champion(client, name: str, headline: str, rounds: int = 5) -> Optional[int]:
+    """Point `champion` at the version champion_rule picks when every version is considered in registration
+    order, and re-read until the alias stays put. Each registering process calls it after setting the alias,
+    so the last one to finish sees every version and every other writer's alias: the result is the same as
+    registering one at a time. Returns the champion's version number."""
+    best = None
+    for _ in range(rounds):
+        versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version))
+        champ = None
+        for mv in versions:
+            value = mv.tags.get(headline)
+            if value is not None and champion_rule(champ, float(value), mv.tags, headline):
+                champ = mv
+        current = current_champion(client, name)
+        if champ is None or (current is not None and current.version == champ.version):
+            return None if champ is None else int(champ.version)
+        client.set_registered_model_alias(name, CHAMPION, str(champ.version))
+        best = int(champ.version)
+    return best
+
+
+def current_champion(client, name: str):
+    """The champion version, or None when the alias does not exist yet. Any other registry error propagates:
+    reading it as "no champion" would hand the alias to a worse version."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except Exception:  # no champion yet
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST") and \
+                "alias" in exc.message.lower() and "not found" in exc.message.lower():
+            return None
+        raise
+
+
+def champion_rule(champ, value: float, tags: dict[str, str], headline: str) -> bool:
+    """Does a new version (headline `value`, `tags`) take the alias from `champ` (None: there is none)?
+
+    1. No champion: yes.  2. `real` outranks `demo`/`test` both ways: a real version always displaces a
+    demo/test champion and is never displaced by one.  3. Same rank, other data fingerprint: yes, the newest
+    data wins (a champion is the best model of the data it is served on, and new data means a new contest).
+    4. Same rank and fingerprint: only if strictly better on the headline metric (a champion without the
+    metric tag is displaced).
+    """
+    if champ is None:
         return True
-    same_group = all(champ.tags.get(k) == tags.get(k) for k in (TAG_PURPOSE, TAG_FINGERPRINT))
-    if not same_group:
-        return tags.get(TAG_PURPOSE) == "real" and champ.tags.get(TAG_PURPOSE) != "real"
-    champ_value = champ.tags.get(HEADLINE[task])
+    rank = {"real": 1}
+    new_rank, champ_rank = rank.get(tags.get(TAG_PURPOSE, ""), 0), rank.get(champ.tags.get(TAG_PURPOSE, ""), 0)
+    if new_rank != champ_rank:
+        return new_rank > champ_rank
+    if champ.tags.get(TAG_FINGERPRINT) != tags.get(TAG_FINGERPRINT):
+        return True
+    champ_value = champ.tags.get(headline)
     return champ_value is None or value > float(champ_value)
 
 
@@ -530,9 +570,9 @@ def log_files(paths: list[str], artifact_path: Optional[str] = None) -> None:
 
 
 # ---- registry listing (`hpml models`) --------------------------------------------------------------------
-def list_registered(prefix: str = "hpml-") -> list[dict[str, object]]:
+def list_registered(headlines: dict[str, str], prefix: str = "hpml-") -> list[dict[str, object]]:
     """Every version of every registered model named `prefix*`: name, version, aliases, task, variant,
-    purpose, data fingerprint, headline metric (name and value, None when the tag is absent), run id."""
+    purpose, data fingerprint, headline metric (`headlines[task]`; value None when the tag is absent), run id."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -550,7 +590,7 @@ def list_registered(prefix: str = "hpml-") -> list[dict[str, object]]:
             aliases.setdefault(str(version), []).append(alias)
         task = rm.name[len(prefix):].split("-", 1)[0]
         for mv in client.search_model_versions(f"name='{rm.name}'"):
-            metric = HEADLINE.get(task, "")
+            metric = headlines.get(task, "")
             value = mv.tags.get(metric)
             rows.append({"name": rm.name, "version": int(mv.version),
                          "aliases": sorted(aliases.get(str(mv.version), [])), "task": task,

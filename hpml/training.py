@@ -1,99 +1,54 @@
 """The one training path: data → model → HF Trainer → evaluation → MLflow run → export → registry."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
-from hpml import checkpoints, launch, modeling, serving, signals, tracking, validate
+from hpml import checkpoints, export, launch, modeling, serving, signals, tracking, validate
 from hpml.config import TrainConfig, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
 from hpml.metrics import memory
+from hpml.tasks import Prepared, TaskSpec, fingerprint, get_task
 from hpml.variants import Variant, get_variant
 
 
-# ---- tasks: what differs between SST-2 and SQuAD, behind one small interface ---------------------------
-@dataclass
-class Prepared:
-    train: object  # tokenized training features (datasets.Dataset)
-    eval_examples: object  # raw eval examples
-    eval_features: object  # tokenized eval features (SQuAD: with example_id / offset_mapping)
-    fingerprint: str
-
-
-def fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def data_source(cfg: TrainConfig, files: list[str], hub: str) -> dict:
-    if cfg.data_dir:
-        return {"files": {os.path.basename(p): file_digest(p) for p in files}}
-    return {"hub": hub}
-
-
-# Where each task's data comes from: (hub dataset, hub config, {split: local file name}). The fingerprint's
-# hub string stays "path/config" as before, so existing runs keep comparing equal.
-def _data_spec(task: str) -> tuple[str, Optional[str], dict[str, str]]:
-    from hpml.data import squad, sst2
-
-    return {"sst2": ("nyu-mll/glue", "sst2", sst2.FILES), "squad": (squad.HUB_DATASET, None, squad.SPLIT_FILES)}[task]
-
-
+# ---- what the run trained on, and how runs compare ---------------------------------------------------------
 def data_fingerprint(cfg: TrainConfig) -> str:
-    """The `data_fingerprint` tag: file contents (or hub dataset) and the sample limits. Cheap (no
-    tokenization), so `hpml series` computes it too when deciding whether a finished run can be kept."""
-    hub, config, files = _data_spec(cfg.task)
-    paths = [os.path.join(cfg.data_dir, f) for f in files.values()] if cfg.data_dir else []
-    return fingerprint({**data_source(cfg, paths, "/".join(x for x in (hub, config) if x)),
-                        "max_train_samples": cfg.max_train_samples, "max_eval_samples": cfg.max_eval_samples})
+    """The `data_fingerprint` tag, exactly as the task's prepare() computes it (files or hub dataset +
+    revision, and the sample limits). Cheap (no tokenization), so `hpml series` computes it too."""
+    return get_task(cfg.task).fingerprint(cfg)
 
 
-def hub_revision(ds) -> Optional[str]:
-    """The commit of a hub dataset as loaded: the datasets cache keeps it as a 40-hex folder name."""
-    import re
-
-    for entry in getattr(ds, "cache_files", None) or []:
-        found = re.search(r"/([0-9a-f]{40})/", entry.get("filename", ""))
-        if found:
-            return found.group(1)
-    return None
-
-
-def dataset_inputs(cfg: TrainConfig, revision: Optional[str] = None) -> list[dict]:
+def dataset_inputs(cfg: TrainConfig) -> list[dict]:
     """What the run trained and evaluated on, for mlflow.log_input: name, digest, source, context.
 
     The digest covers the split's file contents (or hub ID + revision) and its sample limit, so two runs
     show different datasets in the UI exactly when they read different data."""
-    hub, config, files = _data_spec(cfg.task)
+    from hpml.tasks import file_digest, load_revision
+
+    spec = get_task(cfg.task)
+    revision = load_revision(cfg.data_dir, spec.hub_repo)
     out = []
     for context, split, limit in (("train", "train", cfg.max_train_samples),
                                   ("eval", "validation", cfg.max_eval_samples)):
         name = f"{cfg.task}-{split}" + (f"[:{limit}]" if limit else "")
         if cfg.data_dir:
-            path = os.path.abspath(os.path.join(cfg.data_dir, files[split]))
+            path = os.path.abspath(os.path.join(cfg.data_dir, spec.files[split]))
             digest = fingerprint({"sha256": file_digest(path), "limit": limit})
             out.append({"name": name, "digest": digest, "context": context, "path": path})
         else:
-            digest = fingerprint({"hub": hub, "config": config, "split": split, "revision": revision, "limit": limit})
+            digest = fingerprint({"hub": spec.hub_repo, "config": spec.hub_config, "split": split,
+                                  "revision": revision, "limit": limit})
             out.append({"name": name, "digest": digest, "context": context,
-                        "hub": {"path": hub, "config_name": config, "split": split, "revision": revision}})
+                        "hub": {"path": spec.hub_repo, "config_name": spec.hub_config, "split": split,
+                                "revision": revision}})
     return out
 
 
@@ -131,84 +86,12 @@ def describe(cfg: TrainConfig, variant: Variant) -> str:
             f"seed {cfg.seed}, purpose {cfg.purpose}, data {data}{limits}.")
 
 
-class Sst2Task:
-    name = "sst2"
-
-    def prepare(self, cfg: TrainConfig, tokenizer, cache_dir: str) -> Prepared:
-        from hpml.data import sst2
-
-        train = sst2.load_sst2(cfg.data_dir, "train", cfg.max_train_samples)
-        dev = sst2.load_sst2(cfg.data_dir, "validation", cfg.max_eval_samples)
-        fp = data_fingerprint(cfg)
-        return Prepared(sst2.tokenize(train, tokenizer, cfg.max_length), dev,
-                        sst2.tokenize(dev, tokenizer, cfg.max_length), fp)
-
-    def evaluate(self, trainer, prep: Prepared, cfg: TrainConfig, out_dir: str) -> dict[str, float]:
-        out = trainer.predict(prep.eval_features)
-        probs = torch.softmax(torch.tensor(out.predictions, dtype=torch.float32), dim=-1).numpy()
-        labels = np.asarray(prep.eval_features["labels"])
-        rows = [{"label": int(p.argmax()), "probability": float(p.max())} for p in probs]
-        with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-            json.dump(rows, f)
-        return {tracking.M_ACCURACY: float((probs.argmax(-1) == labels).mean()),
-                **eval_timing(out.metrics, len(labels))}
-
-    def epoch_metrics(self, eval_pred) -> dict[str, float]:
-        logits, labels = eval_pred
-        return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
-
-
-class SquadTask:
-    name = "squad"
-
-    def prepare(self, cfg: TrainConfig, tokenizer, cache_dir: str) -> Prepared:
-        from hpml.data import squad
-
-        train = squad.load_squad(cfg.data_dir, "train")
-        dev = squad.load_squad(cfg.data_dir, "validation")
-        if cfg.max_train_samples and cfg.max_train_samples < len(train):
-            train = train.select(range(cfg.max_train_samples))
-        if cfg.max_eval_samples and cfg.max_eval_samples < len(dev):
-            dev = dev.select(range(cfg.max_eval_samples))
-        fp = data_fingerprint(cfg)
-        tok_name = getattr(tokenizer, "name_or_path", "tok")
-        feats = {}
-        for kind, ds, fn in (("train", train, squad.prepare_train_features),
-                             ("eval", dev, squad.prepare_eval_features)):
-            key = squad.feature_cache_key(fp, tok_name, cfg.max_length, cfg.doc_stride, kind)
-            feats[kind] = squad.tokenize_cached(
-                ds, lambda b, fn=fn: fn(b, tokenizer, cfg.max_length, cfg.doc_stride), cache_dir, key,
-                remove_columns=ds.column_names)
-        train_feats = feats["train"].map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
-        return Prepared(train_feats, dev, feats["eval"], fp)
-
-    def evaluate(self, trainer, prep: Prepared, cfg: TrainConfig, out_dir: str) -> dict[str, float]:
-        from hpml.data import squad
-        from hpml.metrics import squad_v2
-
-        if getattr(trainer, "hpml_sampler", None) is not None:  # packed variants evaluate packed too
-            from hpml import packing
-
-            start_logits, end_logits, timing = packing.evaluate_qa(trainer, prep.eval_features, cfg)
-        else:
-            model_inputs = prep.eval_features.remove_columns(["example_id", "offset_mapping"])
-            out = trainer.predict(model_inputs)
-            start_logits, end_logits = out.predictions[:2] if isinstance(out.predictions, tuple) else out.predictions
-            timing = eval_timing(out.metrics, len(prep.eval_features))
-        result = squad.postprocess_predictions(prep.eval_examples, prep.eval_features, start_logits, end_logits,
-                                               n_best=cfg.n_best, max_answer_length=cfg.max_answer_length,
-                                               null_threshold=cfg.null_threshold)
-        for name, obj in (("predictions.json", result.predictions), ("null_odds.json", result.null_odds)):
-            with open(os.path.join(out_dir, name), "w") as f:
-                json.dump(obj, f)
-        scores = squad_v2.evaluate(list(prep.eval_examples), result.predictions, na_probs=result.null_odds)
-        return {**{f"eval_{k}": v for k, v in scores.items()},
-                **timing}
-
-    epoch_metrics = None  # SQuAD is scored once, after training (postprocessing needs all windows)
-
-
-TASKS = {"sst2": Sst2Task(), "squad": SquadTask()}
+# ---- evaluation ----------------------------------------------------------------------------------------
+def timed_predict(trainer, features, batch_size: int):
+    """trainer.predict after one untimed warm-up batch: the first batch pays for compiled graphs, cuDNN/cuBLAS
+    autotuning and allocator growth, which is not the steady latency the eval metrics report."""
+    trainer.predict(features.select(range(min(batch_size, len(features)))))
+    return trainer.predict(features)
 
 
 def eval_timing(metrics: dict, n: int) -> dict[str, float]:
@@ -217,33 +100,41 @@ def eval_timing(metrics: dict, n: int) -> dict[str, float]:
             tracking.M_EVAL_MS: 1000.0 * runtime / n if n else 0.0}
 
 
+def evaluate(trainer, spec: TaskSpec, prep: Prepared, cfg: TrainConfig, out_dir: str) -> dict[str, float]:
+    """Predict the eval set (timed after a warm-up batch), score it with the task's pure evaluate(), and
+    write its artifacts (predictions.json …) to out_dir."""
+    if getattr(trainer, "hpml_sampler", None) is not None:  # packed variants evaluate packed too
+        from hpml import packing
+
+        start_logits, end_logits, timing = packing.evaluate_qa(trainer, prep.eval_features, cfg)
+        predictions = (start_logits, end_logits)
+    else:
+        features = spec.eval_inputs(prep)
+        out = timed_predict(trainer, features, cfg.eval_batch_size)
+        predictions = out.predictions if isinstance(out.predictions, tuple) else (out.predictions,)
+        timing = eval_timing(out.metrics, len(features))
+    result = spec.evaluate(predictions, prep, cfg)
+    for name, obj in result.artifacts.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f)
+    return {**result.metrics, **timing}
+
+
 # ---- Trainer -------------------------------------------------------------------------------------------
-def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_dir: str, device: str,
-                       per_epoch_eval: bool):
+def training_arguments(cfg: TrainConfig, variant: Variant, built: modeling.Built, out_dir: str, device: str,
+                       per_epoch_eval: bool, **overrides):
+    """The one place TrainingArguments are built: run-level settings from cfg, techniques from the pipeline
+    (built.arguments), then `overrides` (the VRAM probe's two steps, a resumed run's settings)."""
     from transformers import TrainingArguments
 
-    opt = variant.optimizer
     world = launch.context().world  # batch sizes are global: each of `world` processes takes its share
-    return TrainingArguments(
+    run_level = dict(
         output_dir=out_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         per_device_train_batch_size=cfg.batch_size // world,
         per_device_eval_batch_size=max(1, cfg.eval_batch_size // world),
-        learning_rate=cfg.lr if cfg.lr is not None else opt.lr,
-        weight_decay=opt.weight_decay,
-        warmup_steps=opt.warmup_ratio,  # a float < 1 is a ratio of total steps (transformers 5)
-        lr_scheduler_type=opt.scheduler,
-        # fused AdamW: one kernel per step instead of a loop over parameter tensors (CUDA only here)
-        optim="adamw_bnb_8bit" if opt.name == "adamw_8bit" else
-              "adamw_torch_fused" if device == "cuda" else "adamw_torch",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16" and not variant.precision.quantization,  # 4-bit: compute dtype set at load
-        torch_compile=variant.compile.enabled,
-        torch_compile_backend=variant.compile.backend if variant.compile.enabled else None,
-        **({"torch_compile_mode": variant.compile.mode} if variant.compile.mode != "default" else {}),
-        train_sampling_strategy="group_by_length" if variant.batching.group_by_length else "random",
-        length_column_name="length",
+        learning_rate=cfg.lr if cfg.lr is not None else variant.optimizer.lr,
         remove_unused_columns=False,  # the collator drops bookkeeping columns itself
         eval_strategy="epoch" if per_epoch_eval else "no",
         # resumable checkpoints under output_dir/<run ID> (single-process runs: see _train_in_run)
@@ -260,9 +151,8 @@ def training_arguments(variant: Variant, cfg: TrainConfig, precision: str, out_d
         # Frozen weights (BitFit, freezing, LoRA) have requires_grad=False and are not DDP's concern; the
         # default (True) would walk the autograd graph every step looking for unused ones.
         ddp_find_unused_parameters=False,
-        # passed only when used: transformers 5.23 renamed it (activation_checkpointing), 5.17 lacks the new name
-        **({"gradient_checkpointing": True} if variant.memory.gradient_checkpointing else {}),
     )
+    return TrainingArguments(**{**run_level, **built.arguments, **overrides})
 
 
 def make_callback(samples_per_step: int, device: str):
@@ -322,11 +212,15 @@ def trainer_class():
     return HpmlTrainer
 
 
-def build_trainer(task, variant: Variant, cfg: TrainConfig, built: modeling.Built, prep: Prepared, precision: str,
-                  out_dir: str, device: str):
+def collator(tokenizer, cfg: TrainConfig, variant: Variant) -> Collator:
+    """The one place the batch collator is chosen (training, evaluation and eval-memory reload share it)."""
+    return Collator(tokenizer.pad_token_id, cfg.max_length, variant.batching)
 
-    per_epoch = task.epoch_metrics is not None
-    args = training_arguments(variant, cfg, precision, out_dir, device, per_epoch)
+
+def build_trainer(spec: TaskSpec, variant: Variant, cfg: TrainConfig, built: modeling.Built, prep: Prepared,
+                  out_dir: str, device: str, callbacks: Optional[list] = None, **overrides):
+    per_epoch = spec.epoch_metrics is not None and prep.eval_features is not None
+    args = training_arguments(cfg, variant, built, out_dir, device, per_epoch, **overrides)
     if variant.batching.padding == "packed":
         from hpml import packing
 
@@ -334,20 +228,50 @@ def build_trainer(task, variant: Variant, cfg: TrainConfig, built: modeling.Buil
                                                make_callback)
         trainer.add_callback(signals.stop_callback())  # a first signal stops at a step with a checkpoint
         return trainer
-    collate = Collator(built.tokenizer.pad_token_id, cfg.max_length, variant.batching)
+    if callbacks is None:  # a first signal stops at a step with a checkpoint
+        callbacks = [make_callback(cfg.batch_size, device), signals.stop_callback()]
     return trainer_class()(model=built.model, args=args, train_dataset=prep.train,
-                   eval_dataset=prep.eval_features if per_epoch else None, data_collator=collate,
-                   compute_metrics=task.epoch_metrics if per_epoch else None,
-                   callbacks=[make_callback(cfg.batch_size, device), signals.stop_callback()])
+                           eval_dataset=spec.eval_inputs(prep) if per_epoch else None,
+                           data_collator=collator(built.tokenizer, cfg, variant),
+                           compute_metrics=spec.epoch_metrics if per_epoch else None,
+                           callbacks=callbacks)
+
+
+def ran_with(trainer) -> dict[str, str]:
+    """Tags of what really ran, read from the trained objects rather than from the variant's wishes."""
+    import torch._dynamo
+
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wrapped = trainer.model_wrapped
+    compiled = isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    return {tracking.TAG_ATTENTION: str(getattr(base.config, "_attn_implementation", "unknown")),
+            tracking.TAG_COMPILED: (trainer.args.torch_compile_backend or "inductor") if compiled else "no"}
+
+
+def eval_vram(export_dir: str, spec: TaskSpec, variant: Variant, cfg: TrainConfig, prep: Prepared,
+              arguments: dict, out_dir: str) -> dict[str, float]:
+    """As the study: the saved checkpoint reloaded alone on the GPU, then evaluated exactly as evaluation
+    runs (the same Trainer arguments: autocast, compile; the same collator and padding)."""
+    memory.free_cuda()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loaded = export.load_export(export_dir, device="cuda")
+    after_load = memory.mib(torch.cuda.memory_allocated() - base)
+    reloaded = modeling.Built(loaded.model, loaded.tokenizer, "", False, None, "", arguments)
+    trainer = build_trainer(spec, variant, cfg, reloaded, prep, out_dir, "cuda", callbacks=[])
+    trainer.predict(spec.eval_inputs(prep))
+    torch.cuda.synchronize()
+    peak = memory.mib(torch.cuda.max_memory_allocated() - base)
+    del trainer, loaded, reloaded
+    memory.free_cuda()
+    return {tracking.M_VRAM_AFTER_LOAD: after_load, tracking.M_PEAK_EVAL_VRAM: peak}
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
 def resolve_params(cfg: TrainConfig, variant: Variant, precision: str) -> dict[str, object]:
     """The configuration the run really used: defaults filled in, variant settings flattened."""
-    params = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "resume")}
-    if cfg.task == "sst2":
-        for k in ("doc_stride", "n_best", "max_answer_length", "null_threshold", "max_tokens"):
-            params.pop(k)
+    params = {k: v for k, v in cfg.declared().items() if k != "resume"}  # a resumed run keeps its params
     params["lr"] = cfg.lr if cfg.lr is not None else variant.optimizer.lr
     params["precision"] = precision
     return {**{f"resolved.{k}": v for k, v in params.items()}, **variant.to_params()}
@@ -362,7 +286,7 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
     if cfg.resume:  # the run's own configuration replaces the options given
         tracking.connect()
         cfg = checkpoints.to_resume(cfg.resume, cfg.task)
-    task = TASKS[cfg.task]
+    spec = get_task(cfg.task)
     variant = get_variant(cfg.variant, cfg.task)
     cfg.output_dir = checkpoints.root_dir(cfg)
     cfg.variant = variant.id
@@ -381,7 +305,7 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         tokenizer = modeling.load_tokenizer(model_ref)
         dist = launch.context()
         with launch.main_first():  # rank 0 tokenizes and caches; the other ranks then load its cache
-            prep = task.prepare(cfg, tokenizer, cache_dir())
+            prep = spec.prepare(cfg, tokenizer, cache_dir())
         tags = {tracking.TAG_VARIANT: variant.id, tracking.TAG_PURPOSE: cfg.purpose,
                 tracking.TAG_FINGERPRINT: prep.fingerprint, tracking.TAG_PRECISION: precision}
         params = resolve_params(cfg, variant, precision)
@@ -389,20 +313,20 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         tags[tracking.TAG_RECIPE] = recipe_hash(params, prep.fingerprint)
         tags[tracking.TAG_DESCRIPTION] = describe(cfg, variant)
         if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
-            return _train_in_run(task, variant, cfg, prep, precision, device, work, "", tags)
+            return _train_in_run(spec, variant, cfg, prep, device, work, "", tags)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
                           system_metrics=tracking.system_metrics_wanted(device), resume_run_id=cfg.resume) as run_id:
             launch.record_run_id(run_id)
-            tracking.log_datasets(dataset_inputs(cfg, hub_revision(prep.eval_examples)))
-            return _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tags)
+            tracking.log_datasets(dataset_inputs(cfg))
+            return _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tags) -> dict[str, object]:
+def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags) -> dict[str, object]:
     main = launch.context().is_main
     memory.reset_peak(device)
-    built = modeling.build_model(variant, cfg.model, cfg.task, work, cfg.seed)
+    built = modeling.apply_techniques(variant, spec, cfg.model, work, cfg.seed, device)
     if main:
         tracking.log_metrics(built.counts.as_metrics())
     # Resumable checkpoints need a folder every rank knows before the run exists: single-process runs only.
@@ -410,13 +334,15 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
     ckpt_dir = checkpoints.run_dir(cfg, run_id) if resumable else os.path.join(work, "trainer")
     if resumable:
         tracking.set_tags({tracking.TAG_CHECKPOINT_DIR: ckpt_dir})
-    trainer = build_trainer(task, variant, cfg, built, prep, precision, ckpt_dir, device)
+    trainer = build_trainer(spec, variant, cfg, built, prep, ckpt_dir, device)
     resume_from = checkpoints.last_checkpoint(ckpt_dir) if (cfg.resume and resumable) else None
     if resume_from:
         tracking.set_tags({tracking.TAG_RESUMED_AT: os.path.basename(resume_from).split("-")[-1]})
     trainer.start_from(resume_from)
     with signals.deferred():  # a first SIGINT/SIGTERM stops at the next step with a checkpoint, then raises
         result = trainer.train(resume_from_checkpoint=resume_from)
+    if main:
+        tracking.set_tags(ran_with(trainer))
     last_epoch = max(1, int(round(trainer.state.epoch or 0)))  # final metrics sit at the last epoch's step
     progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
     # Summed over every step, those before a resume included (Trainer's own mean covers this session only).
@@ -427,24 +353,23 @@ def _train_in_run(task, variant, cfg, prep, precision, device, work, run_id, tag
                **launch.max_over_ranks(memory.peak_train(device))}  # per-GPU peak: the max over ranks
     artifacts = os.path.join(work, "artifacts")
     os.makedirs(artifacts)
-    metrics.update(task.evaluate(trainer, prep, cfg, artifacts))  # every rank: predict gathers across ranks
+    metrics.update(evaluate(trainer, spec, prep, cfg, artifacts))  # every rank: predict gathers across ranks
     if not main:
         return {"run_id": "", "variant": variant.id, "metrics": metrics}
-    export_dir = serving.write_export(
-        os.path.join(work, "export"), built.model, built.tokenizer, task=cfg.task, variant=variant,
-        base_ref=built.base_path, base_is_local_copy=built.base_is_materialized,
-        settings={"max_length": cfg.max_length, "doc_stride": cfg.doc_stride, "n_best": cfg.n_best,
-                  "max_answer_length": cfg.max_answer_length, "null_threshold": cfg.null_threshold})
+    export_dir = export.write_export(
+        os.path.join(work, "export"), built.model, built.tokenizer, spec=spec, variant=variant,
+        base_ref=built.base_path, base_is_local_copy=built.base_is_materialized, settings=spec.export_settings(cfg))
     if device == "cuda":
-        # As the study: eval memory with the saved checkpoint reloaded alone on the GPU.
         del trainer
         built.model = None
-        metrics.update(memory.reload_eval_vram(export_dir, prep, cfg))
+        metrics.update(eval_vram(export_dir, spec, variant, cfg, prep, built.arguments, os.path.join(work, "eval")))
     tracking.log_metrics(metrics, step=last_epoch)
     tracking.log_artifacts(artifacts)
     summary: dict[str, object] = {"run_id": run_id, "variant": variant.id, "metrics": metrics}
     if cfg.register:
-        name, version, champion = tracking.register_model(export_dir, cfg.task, variant.id, metrics, tags)
+        name = tracking.registered_model_name(spec.name, variant.id)
+        model = serving.model_spec(spec, quantized=variant.precision.quantization is not None)
+        version, champion = tracking.register_model(export_dir, name, model, spec.headline, metrics, tags)
         summary.update(registered=name, version=version, champion=champion)
     if resumable:
         checkpoints.remove(ckpt_dir)  # finished: the registry (or the run's artifacts) holds what is needed

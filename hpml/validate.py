@@ -46,7 +46,7 @@ def check_numbers(cfg) -> None:
         raise UsageError(f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     if cfg.max_length < MIN_MAX_LENGTH:
         raise UsageError(f"max_length must be >= {MIN_MAX_LENGTH} tokens, got {cfg.max_length}")
-    if cfg.task == "squad":
+    if getattr(cfg, "doc_stride", None) is not None:  # windowed tasks (SQuAD) only
         room = cfg.max_length - SPECIAL_TOKENS - QUESTION_ROOM
         if room <= 0:
             raise UsageError(f"max_length {cfg.max_length} leaves no room for the context after a question of "
@@ -187,7 +187,9 @@ def check_train(cfg, variant) -> None:
     from hpml import modeling
 
     check_numbers(cfg)
-    files = {"sst2": ["train.tsv", "dev.tsv"], "squad": ["train-v2.0.json", "dev-v2.0.json"]}[cfg.task]
+    from hpml.tasks import get_task
+
+    files = list(get_task(cfg.task).files.values())
     check_data_dir(cfg.data_dir, files)
     ref = modeling.resolve_model_ref(cfg.model)
     if not ref.startswith("random:") and not os.path.isdir(ref):

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from hpml.errors import UsageError
 
-Task = Literal["squad", "sst2"]
+Task = Literal["squad", "sst2", "mnli"]
 
 
 # ---- option blocks: each efficiency technique is one small frozen dataclass --------------------------
@@ -72,6 +72,9 @@ class Optimizer:
 @dataclass(frozen=True)
 class Memory:
     gradient_checkpointing: bool = False
+    # Reentrant checkpointing only back-propagates through a segment whose inputs require grad: under
+    # frozen lower layers nothing does, and the upper (trainable) layers would silently get no gradient.
+    reentrant: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class Variant:
             problems.append("a 4-bit base cannot be fine-tuned directly: quantization needs LoRA adapters")
         if self.precision.quantization and self.precision.dtype in ("auto", "fp32"):
             problems.append("4-bit quantization needs an explicit fp16/bf16 compute dtype")
+        if t.mode == "freeze_lower" and self.memory.gradient_checkpointing and self.memory.reentrant:
+            problems.append("freeze_lower with reentrant gradient checkpointing trains nothing above the frozen "
+                            "layers (their outputs carry no grad); use reentrant=False")
         if self.compile.mode != "default" and (self.batching.padding != "packed" and self.batching.padding !=
                                                "max_length" or not self.compile.enabled):
             problems.append("CUDA graphs need compile and one static shape (packed or max_length batches)")
@@ -232,6 +238,13 @@ CATALOG: tuple[Variant, ...] = (
             trainable=Trainable("lora", lora=_LORA_QV), batching=_SST2_BATCHING,
             precision=Precision("fp16", quantization="nf4"),
             optimizer=Optimizer(lr=2e-4, weight_decay=0.01, warmup_ratio=0.1)),
+    # MNLI-format pairs (3 labels): the proof that a task is one spec module plus catalog entries.
+    Variant("mnli-full", "mnli", "Full fine-tuning, mixed precision by hardware (fp32 on CPU), lr 2e-5",
+            "", batching=_SST2_BATCHING, optimizer=Optimizer(lr=2e-5)),
+    Variant("mnli-lora", "mnli", "LoRA r16/alpha32/dropout 0.1 on query+value, classifier trained, lr 2e-4, "
+            "weight decay 0.01, warm-up 0.1", "", batching=_SST2_BATCHING,
+            trainable=Trainable("lora", lora=_LORA_QV), optimizer=Optimizer(lr=2e-4, weight_decay=0.01,
+                                                                               warmup_ratio=0.1)),
 )
 
 _BY_ID = {v.id: v for v in CATALOG}

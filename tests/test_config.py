@@ -9,8 +9,8 @@ from hpml.config import COMMAND_PARAMS
 
 from conftest import REPO
 
-CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "vram_probe": "vram-probe", "report": "report",
-             "series": "series", "benchmark": "bench"}
+CLI_NAMES = {"train_squad": "train-squad", "train_sst2": "train-sst2", "train_mnli": "train-mnli",
+             "vram_probe": "vram-probe", "report": "report", "series": "series", "benchmark": "bench"}
 POSITIONAL = {"series": ["name"]}  # `hpml series NAME`: the MLproject command passes it first, bare
 
 

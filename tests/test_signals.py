@@ -85,14 +85,15 @@ def test_sigint_during_tokenization_is_honoured(sst2_dir):
 
     from hpml import modeling, signals
     from hpml.data import sst2
+    from hpml.tasks import classification
 
     tok = modeling.load_tokenizer("random:tiny")
     ds = datasets.Dataset.from_dict(sst2.read_tsv(str(sst2_dir / "train.tsv")))
     with signals.handled():
-        assert len(sst2.tokenize(ds, CtrlCTokenizer(tok, on_call=False), 32)) == len(ds)
+        assert len(classification.tokenize(ds, CtrlCTokenizer(tok, on_call=False), 32, ("sentence",))) == len(ds)
         assert not CtrlCTokenizer.hashed, "the Ctrl-C pressed while datasets hashed the tokenizer was swallowed"
         with pytest.raises(signals.Interrupted):
-            sst2.tokenize(ds, CtrlCTokenizer(tok, on_call=True), 32)
+            classification.tokenize(ds, CtrlCTokenizer(tok, on_call=True), 32, ("sentence",))
 
 
 CHILD = """

@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 
 from hpml import modeling, tracking
 from hpml.config import TrainConfig
-from hpml.training import TASKS, build_trainer, run_training
+from hpml.tasks import get_task
+from hpml.training import build_trainer, run_training
 from hpml.variants import get_variant, variants_for
 
 from conftest import last_line, minilm_or_skip, mlflow_run, run_cmd
@@ -43,7 +44,12 @@ def test_every_cpu_variant_runs_two_steps_through_mlflow_run(squad_dir, tracking
         missing = [k for k in SQUAD_METRICS if k not in run.data.metrics]
         assert not missing, f"{variant} lacks {missing}"
         assert 0 <= run.data.metrics["eval_f1"] <= 100
-        assert run.data.params["resolved.precision"] == "fp32"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        assert run.data.params["resolved.precision"] == modeling.resolve_precision(get_variant(variant), device)
+        # what really ran: eager attention for a1 only, and a compiled wrapper exactly where the catalog asks
+        v = get_variant(variant)
+        assert run.data.tags[tracking.TAG_ATTENTION] == v.attention.impl, variant
+        assert run.data.tags[tracking.TAG_COMPILED] == (v.compile.backend if v.compile.enabled else "no"), variant
         (mv,) = client.search_model_versions(f"name='hpml-squad-{variant}'")
         assert mv.run_id == run.info.run_id
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -53,6 +59,7 @@ def test_every_cpu_variant_runs_two_steps_through_mlflow_run(squad_dir, tracking
     assert pct["a2"] == 100 and pct["b2"] < 5 and pct["b1"] < 20 and 0 < pct["b3"] < 100
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("variant", GPU_VARIANTS)
 def test_gpu_only_variants_refuse_a_cpu_with_one_line(variant, squad_dir, tracking_uri):
     out = run_cmd(["hpml", "train-squad", "--variant", variant, "--model", "random:tiny", "--data-dir", str(squad_dir)])
@@ -107,9 +114,11 @@ def test_two_layer_bert_learns_generated_squad(tracking_uri, tmp_path):
 def prepared(variant_id, squad_dir, tmp_path, **kw):
     cfg = tiny_cfg(variant_id, squad_dir, **kw)
     variant = get_variant(variant_id)
-    built = modeling.build_model(variant, cfg.model, "squad", str(tmp_path), cfg.seed)
-    prep = TASKS["squad"].prepare(cfg, built.tokenizer, str(tmp_path / "cache"))
-    trainer = build_trainer(TASKS["squad"], variant, cfg, built, prep, "fp32", str(tmp_path / "t"), "cpu")
+    spec = get_task("squad")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    built = modeling.apply_techniques(variant, spec, cfg.model, str(tmp_path), cfg.seed, device)
+    prep = spec.prepare(cfg, built.tokenizer, str(tmp_path / "cache"))
+    trainer = build_trainer(spec, variant, cfg, built, prep, str(tmp_path / "t"), device)
     return cfg, prep, trainer
 
 

@@ -1,10 +1,10 @@
 """The catalog: every study ID, case-insensitive look-up, rejected combinations, the `variants` command."""
+import re
+
 import pytest
 
 from hpml.errors import UsageError
-from hpml.variants import CATALOG, Lora, Trainable, Variant, get_variant, variants_for
-
-from conftest import last_line, run_cmd
+from hpml.variants import CATALOG, Lora, Memory, Trainable, Variant, get_variant, variants_for
 
 STUDY1 = ["a1", "a2", "a3", "a4-nb", "a4-b", "b1", "b2", "b3", "c1", "c2-8", "c2", "d1"]
 
@@ -51,11 +51,22 @@ def test_impossible_combinations_are_rejected_at_build_time():
 
 
 def test_variants_command_and_unknown_variant_exit_code(sst2_dir, tracking_uri):
-    out = run_cmd(["hpml", "variants", "--task", "squad"])
-    assert out.returncode == 0 and out.stdout.splitlines()[0].startswith("a1 ")
-    assert "c1      squad  cuda" in out.stdout
-    bad = run_cmd(["hpml", "train-sst2", "--variant", "nope", "--model", "random:tiny", "--data-dir", str(sst2_dir)])
-    assert bad.returncode == 2
-    assert last_line(bad.stderr) == ("hpml: error: unknown variant 'nope' for task sst2; valid: fp32, bf16, lora, "
-                                     "qlora")
-    assert len(bad.stderr.strip().splitlines()) == 1
+    from click.testing import CliRunner
+
+    from hpml.cli import main
+
+    out = CliRunner().invoke(main, ["variants", "--task", "squad"])
+    assert out.exit_code == 0 and out.output.splitlines()[0].startswith("a1 ")
+    assert re.search(r"^c1 +squad +cuda +8-bit AdamW", out.output, re.M)
+    bad = CliRunner().invoke(main, ["train-sst2", "--variant", "nope", "--model", "random:tiny", "--data-dir",
+                                    str(sst2_dir)])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "hpml: error: unknown variant 'nope' for task sst2; valid: fp32, bf16, lora, qlora"
+
+
+def test_freezing_with_reentrant_checkpointing_is_rejected():
+    with pytest.raises(ValueError, match="reentrant gradient checkpointing trains nothing above the frozen"):
+        Variant("z", "squad", "d", trainable=Trainable("freeze_lower", freeze_fraction=0.5),
+                memory=Memory(gradient_checkpointing=True, reentrant=True))
+    Variant("z", "squad", "d", trainable=Trainable("freeze_lower", freeze_fraction=0.5),
+            memory=Memory(gradient_checkpointing=True))  # non-reentrant (the default) is fine

@@ -104,15 +104,16 @@ def load_squad_json(path: str, *, check_spans: bool = True) -> list[dict[str, An
     return records
 
 
-def load_squad(data_dir: Optional[str], split: Literal["train", "validation"]):
-    """The split as a datasets.Dataset: the hub's rajpurkar/squad_v2 when data_dir is empty, else local files."""
+def load_squad(data_dir: Optional[str], split: Literal["train", "validation"], revision: Optional[str] = None):
+    """The split as a datasets.Dataset: the hub's rajpurkar/squad_v2 (at `revision`, a commit, when given) when
+    data_dir is empty, else local files."""
     import datasets
 
     if split not in SPLIT_FILES:
         raise HpmlError(f"split {split!r} is not one of {sorted(SPLIT_FILES)}; pass train or validation")
     if not data_dir:
         try:
-            return datasets.load_dataset(HUB_DATASET, split=split)
+            return datasets.load_dataset(HUB_DATASET, split=split, revision=revision)
         except Exception as e:  # network, auth, missing cache: all end the same way for the user
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise HpmlError(

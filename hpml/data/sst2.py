@@ -1,4 +1,4 @@
-"""SST-2: read GLUE-format TSV files (or the hub's GLUE sst2), validate them, tokenize for classification."""
+"""SST-2: read GLUE-format TSV files (or the hub's GLUE sst2) and validate them (tasks/classification.py tokenizes)."""
 from __future__ import annotations
 
 import os
@@ -36,35 +36,19 @@ def read_tsv(path: str) -> dict[str, list]:
     return {"sentence": sentences, "label": labels}
 
 
-def load_sst2(data_dir: Optional[str], split: str, max_samples: int = 0):
-    """First `max_samples` rows (0 = all) of a split, from data_dir or the hub's nyu-mll/glue sst2."""
+def load_sst2(data_dir: Optional[str], split: str, max_samples: int = 0, revision: Optional[str] = None):
+    """First `max_samples` rows (0 = all) of a split, from data_dir or the hub's nyu-mll/glue sst2 (at
+    `revision`, a commit, when given)."""
     import datasets
 
     if data_dir:
         ds = datasets.Dataset.from_dict(read_tsv(os.path.join(data_dir, FILES[split])))
     else:
         try:
-            ds = datasets.load_dataset("nyu-mll/glue", "sst2", split=split).select_columns(HEADER)
+            ds = datasets.load_dataset("nyu-mll/glue", "sst2", split=split, revision=revision).select_columns(HEADER)
         except Exception as exc:
             raise HpmlError(f"cannot load GLUE sst2 from the hub ({type(exc).__name__}): pass data_dir with "
                             "GLUE-format train.tsv/dev.tsv") from None
     if max_samples and max_samples < len(ds):
         ds = ds.select(range(max_samples))
     return ds
-
-
-def tokenize(ds, tokenizer, max_length: int):
-    """Unpadded features (the collator pads per batch) with a `length` column for length grouping."""
-    import hashlib
-
-    def fn(batch):
-        enc = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
-        enc["labels"] = batch["label"]
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return enc
-
-    # An explicit fingerprint: without one, datasets hashes `fn` (a closure over the tokenizer) inside a bare
-    # `except`, which swallowed a Ctrl-C pressed during tokenization and the run went on.
-    key = f"{ds._fingerprint}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{max_length}|sst2-v1"
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenizing SST-2",
-                  new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])

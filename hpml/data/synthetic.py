@@ -278,3 +278,44 @@ def write_sst2(out_dir: str, n_train: int, n_dev: int, seed: int) -> tuple[str, 
             f.writelines(f"{sentence}\t{label}\n" for sentence, label in make_sst2(n, seed, split=split))
         paths.append(path)
     return paths[0], paths[1]
+
+
+# ---- MNLI-format pairs -----------------------------------------------------------------------------------
+_COLORS = ["red", "blue", "green", "white", "black", "yellow", "brown", "grey"]
+_THINGS = ["car", "house", "boat", "door", "chair", "kite", "lamp", "bicycle", "fence", "tent"]
+_PLACES = ["near the river", "in the garden", "on the hill", "by the road", "in the square", "at the port"]
+_SIZES = ["large", "small", "old", "new", "heavy", "cheap"]
+
+
+def make_mnli(n: int, seed: int, *, split: str = "train") -> list[tuple[str, str, str]]:
+    """`n` (premise, hypothesis, gold label) triples, labels balanced: the hypothesis restates the premise
+    (entailment), negates or recolours it (contradiction), or adds an unmentioned attribute (neutral)."""
+    rng = random.Random(f"hpml-mnli/{split}/{seed}")
+    rows = []
+    for i in range(n):
+        label = ("entailment", "neutral", "contradiction")[i % 3]
+        thing, color, place = rng.choice(_THINGS), rng.choice(_COLORS), rng.choice(_PLACES)
+        premise = f"the {color} {thing} stands {place} ."
+        if label == "entailment":
+            hypothesis = rng.choice([f"the {thing} is {color} .", f"there is a {thing} {place} ."])
+        elif label == "contradiction":
+            other = rng.choice([c for c in _COLORS if c != color])
+            hypothesis = rng.choice([f"the {thing} is not {color} .", f"the {thing} is {other} ."])
+        else:
+            hypothesis = f"the {thing} is {rng.choice(_SIZES)} ."
+        rows.append((premise, hypothesis, label))
+    rng.shuffle(rows)
+    return rows
+
+
+def write_mnli(out_dir: str, n_train: int, n_dev: int, seed: int) -> tuple[str, str]:
+    """Write out_dir/train.tsv and out_dir/dev_matched.tsv with GLUE MNLI's sentence1/sentence2/gold_label."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for split, n, name in (("train", n_train, "train.tsv"), ("dev", n_dev, "dev_matched.tsv")):
+        path = os.path.join(out_dir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("sentence1\tsentence2\tgold_label\n")
+            f.writelines(f"{p}\t{h}\t{label}\n" for p, h, label in make_mnli(n, seed, split=split))
+        paths.append(path)
+    return paths[0], paths[1]

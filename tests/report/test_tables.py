@@ -138,7 +138,7 @@ def test_table1_lists_the_whole_catalog():
     assert rows.loc["c1", "requires CUDA"] == "yes" and rows.loc["qlora", "requires CUDA"] == "yes"
     assert rows.loc["fp32", "study label"] == "BERT FP32"
     assert rows.loc["bf16", "study label"] == MISSING
-    assert "p0, p1, p2, bf16, lora: hpml additions, in neither study (study label —)." in t.footnotes
+    assert "p0, p1, p2, bf16, lora, mnli-full, mnli-lora: hpml additions, in neither study (study label —)." in t.footnotes
 
 
 def test_table2_a_series(runs):
@@ -271,12 +271,12 @@ def test_seed_repeats_give_means_intervals_and_differences_to_the_baseline():
     assert not any(k[0].startswith("B") for k in rows)  # no B run: Table 3 has no rows, not even its baseline
 
 
-def test_study_numbers_are_the_published_ones():
-    assert study.SQUAD_RESULTS["a4-nb"].f1 == 77.23 and study.SQUAD_RESULTS["c2"].train_samples_per_s is None
+def test_study_numbers_cover_the_catalog_and_agree_with_each_other():
+    # (Comparing each transcribed constant with the same literal again could not fail; these can.)
     assert set(study.SQUAD_RESULTS) == {v.id for v in CATALOG if v.task == "squad" and v.study_id}
-    assert study.VRAM_RESULTS["c1"].peak_allocated_mib == 2465.9
-    assert round(study.SST2_RESULTS["qlora"].trainable_pct, 2) == 0.54
-    assert study.STUDY_DEVICE == "T4"
+    assert set(study.SST2_RESULTS) <= {v.id for v in CATALOG if v.task == "sst2"}
+    for r in study.SQUAD_RESULTS.values():
+        assert r.f1 >= r.em  # F1 gives partial credit, so it is never below EM
 
 
 def test_small_data_and_mixed_runs_are_flagged(runs):
