@@ -137,14 +137,15 @@ def world(tmp_path_factory, sst2_dir, squad_dir):
     (root / "a_file").write_text("not a folder")
 
     # predict inputs: an hpml export folder of a tiny random SST-2 model (no training needed to predict)
-    from hpml import modeling, serving
+    from hpml import export, modeling
+    from hpml.tasks import get_task
     from hpml.variants import get_variant
 
-    variant = get_variant("fp32", "sst2")
-    built = modeling.build_model(variant, "random:tiny", "sst2", str(root / "work"), 0)
-    w["export"] = serving.write_export(str(root / "export"), built.model, built.tokenizer, task="sst2",
-                                       variant=variant, base_ref=built.base_path, base_is_local_copy=True,
-                                       settings={"max_length": 64})
+    variant, spec = get_variant("fp32", "sst2"), get_task("sst2")
+    built = modeling.apply_techniques(variant, spec, "random:tiny", str(root / "work"), 0, "cpu")
+    w["export"] = export.write_export(str(root / "export"), built.model, built.tokenizer, spec=spec,
+                                      variant=variant, base_ref=built.base_path, base_is_local_copy=True,
+                                      settings={"max_length": 64})
     jsonl = {
         "no_text.jsonl": '{"sentence": "good"}\n',
         "null_text.jsonl": '{"text": null}\n',
