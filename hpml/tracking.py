@@ -391,7 +391,7 @@ def register_model(export_dir: str, name: str, model: dict, headline: str, metri
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example.*")
         info = mlflow.pyfunc.log_model(name="model", artifacts={"export": export_dir}, **model)
-    from hpml import signals
+    import hpml.signals as signals  # a leaf: defers a Ctrl-C around registration
 
     client = MlflowClient()
     # Every tag goes in with the version and the alias is decided before it exists, so the store never
@@ -445,8 +445,10 @@ def current_champion(client, name: str):
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
-        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST") and \
-                "alias" in exc.message.lower() and "not found" in exc.message.lower():
+        msg = exc.message.lower()
+        # no alias yet, or no registered model yet (the decision is made before the first version exists)
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST") and "not found" in msg and \
+                ("alias" in msg or "registered model" in msg):
             return None
         raise
 

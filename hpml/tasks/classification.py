@@ -44,7 +44,7 @@ def tokenize(ds, tokenizer, max_length: int, text_columns: tuple[str, ...]):
 
     # An explicit fingerprint: without one, datasets hashes `fn` (a closure over the tokenizer) inside a bare
     # `except`, which swallowed a Ctrl-C pressed during tokenization and the run went on.
-    key = (f"{ds._fingerprint}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{max_length}|"
+    key = (f"{ds._fingerprint}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer) if hasattr(tokenizer, '__len__') else ''}|{max_length}|"
            f"{','.join(text_columns)}|classification-v1")
     return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenizing",
                   new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
