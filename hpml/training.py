@@ -346,7 +346,11 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags) -> dict[
     last_epoch = max(1, int(round(trainer.state.epoch or 0)))  # final metrics sit at the last epoch's step
     progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
     # Summed over every step, those before a resume included (Trainer's own mean covers this session only).
-    metrics = {tracking.M_TRAIN_LOSS: trainer.loss_sum() / max(1, trainer.state.global_step),
+    # Data-parallel runs cannot resume: Trainer's own mean is already averaged over the ranks there (the
+    # local sum holds this rank's half of each batch only).
+    train_loss = (trainer.loss_sum() / max(1, trainer.state.global_step) if resumable
+                  else result.training_loss)
+    metrics = {tracking.M_TRAIN_LOSS: train_loss,
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
                tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
                tracking.M_TRAIN_SPS: result.metrics["train_samples_per_second"],
