@@ -145,7 +145,11 @@ def _train(task: str, kw: dict):
         try:
             summary = run_training(cfg, inputs=inputs)
         except BaseException as exc:
-            launch.record_error(str(exc) if isinstance(exc, HpmlError) else f"{type(exc).__name__}: {exc}")
+            from hpml import signals
+
+            # A signal is the agent stopping this worker because another failed: not a cause of its own.
+            if not isinstance(exc, (signals.Interrupted, KeyboardInterrupt)):
+                launch.record_error(str(exc) if isinstance(exc, HpmlError) else f"{type(exc).__name__}: {exc}")
             raise
         if not launch.context().is_main:
             return

@@ -154,23 +154,25 @@ def _free_port() -> int:
 
 
 def _first_failure(launch_dir: str, exc) -> str:
-    """The earliest failing rank's own one-line error, else what the agent saw (exit code or signal)."""
-    written = []
+    """The root cause: the agent's earliest failing worker, told by that rank's own one-line error when it
+    wrote one, else by its exit code or signal. (Ranks the agent stopped afterwards are not failures.)"""
+    written = {}
     for name in os.listdir(launch_dir):
         if name.startswith("error-rank"):
-            path = os.path.join(launch_dir, name)
-            written.append((os.path.getmtime(path), int(name[len("error-rank"):]), open(path).read().strip()))
-    if written:
-        _, rank, msg = min(written)
-        return f"rank {rank}: {msg}"
+            written[int(name[len("error-rank"):])] = _read(os.path.join(launch_dir, name)) or "failed"
     failures = getattr(exc, "failures", None) or {}
     if failures:
         rank, failure = min(failures.items(), key=lambda kv: kv[1].timestamp)
+        if rank in written:
+            return f"rank {rank}: {written[rank]}"
         code = failure.exitcode
         if code is not None and code < 0:
             with contextlib.suppress(ValueError):
                 return f"rank {rank}: killed by {signal.Signals(-code).name}"
         return f"rank {rank}: exited with code {code}"
+    if written:
+        rank = min(written)
+        return f"rank {rank}: {written[rank]}"
     return f"a worker failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
