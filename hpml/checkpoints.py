@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import MISSING, fields
 from typing import Optional
 
 from hpml.config import TrainConfig
@@ -109,20 +108,25 @@ def _typed(value: str, default):
 
 
 def config_of_run(params: dict[str, str], run_id: str) -> TrainConfig:
-    """The TrainConfig a run was started with, from its `resolved.*` params (the logged configuration)."""
-    values = {}
-    for f in fields(TrainConfig):
-        if f.name in ("extra", "resume"):
+    """The TrainConfig a run was started with, from its `resolved.*` params (the logged configuration), typed
+    by the task's declared parameters."""
+    from hpml.config import TASK_PARAMS, declared_default
+
+    task = params.get("resolved.task", "")
+    for name in ("task", "variant", "model"):
+        if f"resolved.{name}" not in params or task not in TASK_PARAMS:
+            raise HpmlError(f"run {run_id} has no resolved.{name} param: it was not started by hpml training")
+    values = {"variant": params["resolved.variant"]}
+    for p in TASK_PARAMS[task]:
+        key = f"resolved.{p.name}"
+        if p.name in ("variant", "resume") or key not in params:
             continue
-        key = f"resolved.{f.name}"
-        if key not in params:
-            if f.name in ("task", "variant", "model"):
-                raise HpmlError(f"run {run_id} has no {key} param: it was not started by hpml training")
-            continue
-        default = 0.0 if f.name == "lr" else (f.default if f.default is not MISSING else "")
         raw = params[key]
-        values[f.name] = None if (f.name == "lr" and raw in ("", "None")) else _typed(raw, default)
-    return TrainConfig(**values, resume=run_id)
+        if p.name == "lr":
+            values["lr"] = None if raw in ("", "None") else float(raw)
+        else:
+            values[p.name] = _typed(raw, declared_default(p))
+    return TrainConfig(task=task, **values, resume=run_id)
 
 
 def to_resume(ref: str, task: Optional[str] = None) -> TrainConfig:
