@@ -398,7 +398,10 @@ def register_model(export_dir: str, name: str, model: dict, headline: str, metri
     # holds a READY version without its metric tags (a kill between calls used to leave one).
     version_tags = {**tags, "run_id": mlflow.active_run().info.run_id,
                     **{k: repr(float(v)) for k, v in metrics.items() if k in (headline, M_EXACT, M_ACCURACY, M_F1)}}
-    became = champion_rule(current_champion(client, name), metrics[headline], tags, headline)
+    # A model with no versions yet has no champion; asking for the alias of a model that does not exist is a
+    # 403 on a basic-auth server (no permission record), so the search answers that case.
+    exists = bool(client.search_model_versions(f"name='{name}'", max_results=1))
+    became = champion_rule(current_champion(client, name) if exists else None, metrics[headline], tags, headline)
     version = None
     try:
         with signals.deferred():  # a signal waits for the version's number, then the except below deletes it

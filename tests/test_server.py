@@ -4,6 +4,7 @@ one-line auth errors checked against it."""
 from __future__ import annotations
 
 import csv
+import traceback
 import os
 import re
 import signal
@@ -134,7 +135,7 @@ def alice_runs(team_server, sst2_dir, squad_dir):
         for task, variant, data, extra in (("sst2", "lora", sst2_dir, SST2_TINY), ("squad", "a2", squad_dir, SQUAD_TINY)):
             res = invoke(team_server, ALICE, [f"train-{task}", "--variant", variant, "--data-dir", str(data),
                                               "--experiment", f"team-a-{task}", *extra], mp)
-            assert res.exit_code == 0, res.output
+            assert res.exit_code == 0, res.output + "".join(traceback.format_exception(*res.exc_info))
             runs[task] = re.search(r"^run (\w+) \(", res.stdout, re.M).group(1)  # hpml's summary line
     return runs
 
