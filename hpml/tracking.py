@@ -324,7 +324,17 @@ def log_datasets(inputs: list[dict]) -> None:
             hub = item["hub"]
             source = HuggingFaceDatasetSource(path=hub["path"], config_name=hub["config_name"], split=hub["split"],
                                               revision=hub["revision"])
-        mlflow.log_input(MetaDataset(source, name=item["name"], digest=item["digest"]), context=item["context"])
+        dataset = MetaDataset(source, name=item["name"], digest=item["digest"])
+        for attempt in range(3):
+            try:
+                mlflow.log_input(dataset, context=item["context"])
+                break
+            except Exception as exc:  # MLflow's server races concurrent runs inserting the same dataset row
+                if attempt == 2 or "already exists" not in str(exc):
+                    raise
+                import time
+
+                time.sleep(0.5)  # the other run's row now exists: a retry links this run to it
 
 
 TAG_ERROR = "error"  # one line: why a run ended FAILED or KILLED outside its own process (hpml.launch)
