@@ -245,6 +245,15 @@ def test_eight_concurrent_runs_finish_and_register_with_the_champion_on_the_best
     args = ["hpml", "train-sst2", "--variant", "fp32", "--data-dir", str(sst2_dir), "--experiment", "team-a-conc",
             "--max-eval-samples", "15", *SST2_TINY]
 
+    # MLflow's basic-auth grants a creator's permission after the create request returns: 8 processes that
+    # race to create the same experiment or registered model can meet it existing without that grant yet
+    # (403). A team creates both once, before a crowd of runs; the test does the same.
+    owner = team_server.client(ALICE)
+    if owner.get_experiment_by_name("team-a-conc") is None:
+        owner.create_experiment("team-a-conc")
+    if not owner.search_registered_models("name='hpml-sst2-fp32'"):
+        owner.create_registered_model("hpml-sst2-fp32")
+
     def train(seed: int):
         return run_cmd(args + ["--seed", str(seed)], timeout=600, env=env)
 
