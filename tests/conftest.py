@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # independent (monkeypatch restores a URI a test set on purpose).
     for k in LEAKY_ENV + ("MLFLOW_TRACKING_URI",):
         os.environ.pop(k, None)
+    # In-process runs also leave MLflow's module globals behind, and a set tracking URI outranks the
+    # environment: the next test's `tracking_uri` fixture would otherwise be ignored in this process.
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    from mlflow.tracking import fluent
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    tracking_utils._tracking_uri = None
+    fluent._active_experiment_id = None
 
 
 @pytest.fixture

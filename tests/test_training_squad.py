@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from hpml import modeling, tracking
+from hpml import modeling, packing, tracking
 from hpml.config import TrainConfig
 from hpml.tasks import get_task
 from hpml.training import build_trainer, run_training
@@ -46,9 +46,11 @@ def test_every_cpu_variant_runs_two_steps_through_mlflow_run(squad_dir, tracking
         assert 0 <= run.data.metrics["eval_f1"] <= 100
         device = "cuda" if torch.cuda.is_available() else "cpu"
         assert run.data.params["resolved.precision"] == modeling.resolve_precision(get_variant(variant), device)
-        # what really ran: eager attention for a1 only, and a compiled wrapper exactly where the catalog asks
+        # what really ran: eager attention for a1 only, varlen for the packed variants, and a compiled wrapper
+        # exactly where the catalog asks
         v = get_variant(variant)
-        assert run.data.tags[tracking.TAG_ATTENTION] == v.attention.impl, variant
+        expected_attention = packing.VARLEN if v.batching.padding == "packed" else v.attention.impl
+        assert run.data.tags[tracking.TAG_ATTENTION] == expected_attention, variant
         assert run.data.tags[tracking.TAG_COMPILED] == (v.compile.backend if v.compile.enabled else "no"), variant
         (mv,) = client.search_model_versions(f"name='hpml-squad-{variant}'")
         assert mv.run_id == run.info.run_id
