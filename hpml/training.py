@@ -162,7 +162,11 @@ def make_callback(samples_per_step: int, device: str):
         """Streams running loss, lr and per-epoch eval metrics to the active run (UI curves while training),
         and times the steps after a warm-up: Trainer's own samples/s includes torch.compile's first graphs."""
 
-        warm_step, warm_time, steady = 0, 0.0, None
+        warm_step, warm_time, steady, first_step_at = 0, 0.0, None, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.first_step_at is None:
+                self.first_step_at = time.time()  # wall clock: compared with the process's start time
 
         def on_train_begin(self, args, state, control, **kw):
             # counted from the first step of this session: a resumed run starts past step 0
@@ -283,6 +287,7 @@ def cache_dir() -> str:
 
 def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -> dict[str, object]:
     """Train, evaluate, log and register one variant. Returns a summary (metrics, run id, registry version)."""
+    started = training_started()
     if cfg.resume:  # the run's own configuration replaces the options given
         tracking.connect()
         cfg = checkpoints.to_resume(cfg.resume, cfg.task)
@@ -313,17 +318,31 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         tags[tracking.TAG_RECIPE] = recipe_hash(params, prep.fingerprint)
         tags[tracking.TAG_DESCRIPTION] = describe(cfg, variant)
         if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
-            return _train_in_run(spec, variant, cfg, prep, device, work, "", tags)
+            return _train_in_run(spec, variant, cfg, prep, device, work, "", tags, started)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
                           system_metrics=tracking.system_metrics_wanted(device), resume_run_id=cfg.resume) as run_id:
             launch.record_run_id(run_id)
             tracking.log_datasets(dataset_inputs(cfg))
-            return _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags)
+            return _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags) -> dict[str, object]:
+_STARTED: list[float] = []  # when the first training of this process began: its process's start time
+
+
+def training_started() -> float:
+    """What `startup_s` counts from (wall clock): the process's start for its first training (imports, data,
+    model and Trainer setup), the call itself for later ones in the same process (the demo, in-process tests)."""
+    import psutil
+
+    if not _STARTED:
+        _STARTED.append(psutil.Process().create_time())
+        return _STARTED[0]
+    return time.time()
+
+
+def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started: float) -> dict[str, object]:
     main = launch.context().is_main
     memory.reset_peak(device)
     built = modeling.apply_techniques(variant, spec, cfg.model, work, cfg.seed, device)
@@ -355,6 +374,8 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags) -> dict[
                tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
                tracking.M_TRAIN_SPS: result.metrics["train_samples_per_second"],
                **launch.max_over_ranks(memory.peak_train(device))}  # per-GPU peak: the max over ranks
+    if progress.first_step_at is not None:  # None: resumed at the last step, nothing left to train
+        metrics[tracking.M_STARTUP] = progress.first_step_at - started
     artifacts = os.path.join(work, "artifacts")
     os.makedirs(artifacts)
     metrics.update(evaluate(trainer, spec, prep, cfg, artifacts))  # every rank: predict gathers across ranks
