@@ -118,15 +118,21 @@ def connect(explicit: str = "", experiment: str = "", model: str = "") -> str:
 CAN_WRITE = ("EDIT", "MANAGE")  # basic-auth permissions that may log runs / add model versions
 
 
-def _check_server(uri: str, experiment: str, model: str) -> None:
+def check_health(uri: str, timeout: float = 5.0) -> None:
+    """One GET of the server's /health, no retries: an unreachable or unhealthy server is one line."""
+    uri = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri + "/health", timeout=5) as resp:
+        with urllib.request.urlopen(uri + "/health", timeout=timeout) as resp:
             ok = resp.status == 200
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise HpmlError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
                         "(mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db")
     if not ok:
         raise HpmlError(f"tracking server {uri} answered /health with an error: check the server's log")
+
+
+def _check_server(uri: str, experiment: str, model: str) -> None:
+    check_health(uri)
     # /health answers everyone: only an authenticated endpoint tells whether the credentials work.
     from mlflow.utils.credentials import get_default_host_creds
 
