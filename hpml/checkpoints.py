@@ -161,6 +161,12 @@ def to_resume(ref: str, task: Optional[str] = None) -> TrainConfig:
         raise UsageError(f"run {run_id} was data-parallel: resume continues single-process runs only (data-parallel "
                          "runs keep no resumable checkpoints yet); start a new run")
     folder = tags.get(tracking.TAG_CHECKPOINT_DIR, "")
+    from hpml import outage
+
+    pending = outage.pending_of(folder)
+    if pending:  # it trained to the end; only logging its end is left
+        raise UsageError(f"run {run_id} finished training while its tracking server was away: log its saved "
+                         f"end with hpml log-export {pending} (or hpml resume {run_id})")
     if not last_checkpoint(folder):
         raise UsageError(f"run {run_id} has no checkpoint (looked in {folder or 'nothing recorded'}): it stopped "
                          "before its first save; start a new run")
