@@ -32,6 +32,12 @@ def lost_marker(mlflow_run_pid: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"hpml-server-lost-{mlflow_run_pid}")
 
 
+def _started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def _hpml_mlflow_run() -> bool:
     global _is_hpml_run
     if _is_hpml_run is None:
@@ -73,8 +79,10 @@ class FailFastTrackingServer(RequestHeaderProvider):
         if uri in _checked:
             marker = lost_marker(os.getpid())
             if os.path.exists(marker):  # the entry point lost the server and said so: end quietly
+                fresh = os.path.getmtime(marker) >= _started()  # not left behind by an earlier process of this PID
                 os.remove(marker)
-                raise SystemExit(3)
+                if fresh:
+                    raise SystemExit(3)
             return False
         from hpml import tracking
         from hpml.errors import HpmlError

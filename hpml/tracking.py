@@ -340,7 +340,8 @@ def log_datasets(inputs: list[dict]) -> None:
                 mlflow.log_input(dataset, context=item["context"])
                 break
             except Exception as exc:  # MLflow's server races concurrent runs inserting the same dataset row
-                if attempt == 2 or "already exists" not in str(exc):
+                # PostgreSQL says "already exists", SQLite "UNIQUE constraint failed"
+                if attempt == 2 or not any(m in str(exc) for m in ("already exists", "UNIQUE constraint failed")):
                     raise
                 import time
 

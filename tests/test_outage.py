@@ -115,6 +115,7 @@ class Training:
     STEPS, SAVE = 30, 5  # a checkpoint every 5 steps: the test sees training under way without the server
 
     def __init__(self, tmp: Path, data: Path, server: Server, wait_s: float):
+        tmp.mkdir()
         self.ckpt = tmp / "ckpt"
         env = subprocess_env({"MLFLOW_TRACKING_URI": server.url, "HPML_SERVER_WAIT_S": str(wait_s),
                               "HPML_SERVER_RETRY_S": "0.5"})
@@ -188,56 +189,59 @@ def _check_finished(url: str, run_id: str, steps: int, predict: bool = False) ->
     return run.data.metrics
 
 
-def test_server_restarted_mid_run(tmp_path, sst2_dir, server):
-    run = Training(tmp_path, sst2_dir, server, wait_s=120)
-    t_training = run.wait_for_checkpoint()
+def test_server_lost_mid_run(tmp_path, sst2_dir, server):
+    """Two runs over one outage (one server restart serves both): `back` waits long enough for the server
+    to return and finishes normally; `gone` waits 2 s, saves its export and says where, and `hpml
+    log-export` then logs it into the same run."""
+    back = Training(tmp_path / "back", sst2_dir, server, wait_s=120)
+    gone = Training(tmp_path / "gone", sst2_dir, server, wait_s=2)
+    t_training = max(back.wait_for_checkpoint(), gone.wait_for_checkpoint())  # both train: setup is done
     server.kill()
     t_stop = time.time()
-    # Training goes on and ends while the server is down; the run's end then waits for it.
-    t_note = run.wait_for_line("hpml: note: tracking server")
+    # Both train on and end while the server is down; `back` then waits for it, `gone` gives up.
+    rc, _, err = gone.finish()
+    t_note = back.wait_for_line("hpml: note: tracking server")
     server.start()
     t_restart = time.time()
-    rc, out, err = run.finish()
-    assert rc == 0, err
-    run_id = re.search(r"run ([0-9a-f]{32}) \(fp32\)", out).group(1)
-    metrics = _check_finished(server.url, run_id, Training.STEPS)
-    # Training was under way at t_training and over by t_note, with the server down from t_stop to
-    # t_restart. Had a step waited for the server, training would have ended after t_restart, so
-    # train_runtime_s would be at least t_restart - t_training. Not waiting, it is at most t_note - (process
-    # start), and t_note precedes t_restart. No tolerance is needed: the two ranges do not overlap.
-    assert t_restart - t_stop > 1.0
-    assert metrics["train_runtime_s"] < t_restart - t_training, (metrics["train_runtime_s"], t_restart - t_training)
-    assert metrics["train_samples_per_s"] > 0
-    # Metrics logged while the server was down landed with their own (outage-time) timestamps.
-    during = [m for m in _client(server.url).get_metric_history(run_id, "train_loss_running")
-              if t_stop * 1000 <= m.timestamp <= t_restart * 1000]
-    assert during, "no metric was logged during the outage: the server was stopped too late"
-    assert not (tmp_path / "ckpt" / run_id).exists()  # finished: checkpoints gone, as after any run
 
-
-def test_server_lost_for_good_then_log_export(tmp_path, sst2_dir, server):
-    run = Training(tmp_path, sst2_dir, server, wait_s=2)
-    run.wait_for_checkpoint()
-    server.kill()
-    rc, out, err = run.finish()
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    # -- gone: exit 3, one line naming the export and the command, the export on disk
     assert rc == 3, err
     assert "Traceback" not in err
-    last = lines[-1]
-    m = re.fullmatch(rf"hpml: error: tracking server {server.url} unreachable since \d\d:\d\d:\d\d: run ([0-9a-f]{{32}})'s "
-                     r"model, metrics and artifacts are saved in (\S+); once the server is back, log them with: "
-                     r"hpml log-export (\S+)", last)
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    m = re.fullmatch(rf"hpml: error: tracking server {server.url} unreachable since \d\d:\d\d:\d\d: run "
+                     r"([0-9a-f]{32})'s model, metrics and artifacts are saved in (\S+); once the server is back, "
+                     r"log them with: hpml log-export (\S+)", last)
     assert m, last
-    run_id, path = m.group(1), m.group(2)
-    assert m.group(3) == path and Path(path).is_dir()
-    assert Path(path) == tmp_path / "ckpt" / run_id / "pending-export"
+    gone_id, path = m.group(1), m.group(2)
+    assert m.group(3) == path and Path(path) == tmp_path / "gone" / "ckpt" / gone_id / "pending-export"
     assert (Path(path) / "model").is_dir() and (Path(path) / "artifacts" / "predictions.json").is_file()
-    assert not list((tmp_path / "ckpt" / run_id).glob("checkpoint-*"))  # trained to the end: the export suffices
+    assert not list(Path(path).parent.glob("checkpoint-*"))  # trained to the end: the export suffices
 
-    server.start()
-    out = subprocess.run([str(BIN / "hpml"), "log-export", path], capture_output=True, text=True, timeout=300,
-                         env=subprocess_env({}), cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert f"run {run_id} (fp32)" in out.stdout and "registered hpml-sst2-fp32 version" in out.stdout
-    _check_finished(server.url, run_id, Training.STEPS, predict=True)
-    assert not (tmp_path / "ckpt" / run_id).exists()
+    # -- back: the same end as without an outage
+    rc, out, err = back.finish()
+    assert rc == 0, err
+    back_id = re.search(r"run ([0-9a-f]{32}) \(fp32\)", out).group(1)
+    metrics = _check_finished(server.url, back_id, Training.STEPS)
+    # Training was under way at t_training and over by t_note, with the server down from t_stop to
+    # t_restart. Had a step waited for the server, training would have ended after t_restart, so
+    # train_runtime_s would be at least t_restart - t_training. Not waiting, it ended before t_note, which
+    # precedes t_restart. No tolerance is needed: the two ranges do not overlap.
+    assert t_restart - t_stop > 1.0 and t_note < t_restart
+    assert metrics["train_runtime_s"] < t_restart - t_training, (metrics["train_runtime_s"], t_restart - t_training)
+    assert metrics["train_samples_per_s"] > 0
+    # Metrics logged while the server was down landed at their steps with their own (outage-time) timestamps.
+    during = [m for m in _client(server.url).get_metric_history(back_id, "eval_accuracy")
+              if t_stop * 1000 <= m.timestamp <= t_restart * 1000]
+    assert during, "no metric was logged during the outage"
+    assert not (tmp_path / "back" / "ckpt" / back_id).exists()  # finished: checkpoints gone, as after any run
+
+    # -- gone, once the server is back: hpml log-export (in-process: the export names its server)
+    from click.testing import CliRunner
+
+    from hpml.cli import main
+
+    out = CliRunner().invoke(main, ["log-export", path])
+    assert out.exit_code == 0, out.output
+    assert f"run {gone_id} (fp32)" in out.output and "registered hpml-sst2-fp32 version" in out.output
+    _check_finished(server.url, gone_id, Training.STEPS, predict=True)
+    assert not (tmp_path / "gone" / "ckpt" / gone_id).exists()
