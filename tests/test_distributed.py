@@ -74,17 +74,20 @@ def test_a_dying_rank_fails_the_run_in_one_line_and_registers_nothing(no_dropout
     args = train_args(no_dropout_model, squad_dir, 2, 100000)
     proc = subprocess.Popen([str(BIN / "hpml"), *args[1:]], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    # Kill rank 1 once rank 0 has opened the run and both train: rank 1 is the worker whose RANK is 1.
-    deadline, victim = time.time() + 240, None
-    while time.time() < deadline and victim is None:
-        time.sleep(0.5)
-        runs = finished_runs()
-        if runs and runs[0].data.metrics.get("trainable_params"):
-            victim = _worker_pid(rank=1)
-    assert victim is not None, "the job never reached training"
-    time.sleep(1.0)
-    os.kill(victim, signal.SIGKILL)
-    _, err = proc.communicate(timeout=180)
+    try:
+        # Kill rank 1 once rank 0 has opened the run and both train: rank 1 is the worker whose RANK is 1.
+        deadline, victim = time.time() + 240, None
+        while time.time() < deadline and victim is None and proc.poll() is None:
+            time.sleep(0.5)
+            runs = finished_runs()
+            if runs and runs[0].data.metrics.get("trainable_params"):
+                victim = _worker_pid(rank=1, ancestor=proc.pid)
+        assert victim is not None, "the job never reached training"
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:  # a failed assertion must not leave a 100,000-step job training (workers run in their own sessions)
+        _kill_tree(proc.pid)
     assert proc.returncode != 0
     line = last_line(err)
     assert line.startswith("hpml: error: data-parallel training failed: rank 1: killed by SIGKILL"), err[-2000:]
@@ -95,17 +98,40 @@ def test_a_dying_rank_fails_the_run_in_one_line_and_registers_nothing(no_dropout
     assert MlflowClient().search_model_versions("name='hpml-squad-a2'") == []
 
 
-def _worker_pid(rank: int):
-    """The PID of the training worker with this RANK (read from /proc: the elastic agent's children)."""
+def _worker_pid(rank: int, ancestor: int):
+    """The PID of the training worker with this RANK among `ancestor`'s descendants (read from /proc: the
+    elastic agent's children; another job on the machine, e.g. a parallel test, is never picked)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
         except OSError:
             continue
-        if env.get(b"RANK") == str(rank).encode() and env.get(b"HPML_LAUNCH_DIR") and env.get(b"WORLD_SIZE") == b"2":
+        if (env.get(b"RANK") == str(rank).encode() and env.get(b"HPML_LAUNCH_DIR") and env.get(b"WORLD_SIZE") == b"2"
+                and _descends_from(int(pid), ancestor)):
             return int(pid)
     return None
+
+
+def _kill_tree(root: int) -> None:
+    doomed = [int(p) for p in filter(str.isdigit, os.listdir("/proc")) if _descends_from(int(p), root)]
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the state is the parent PID
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
 
 
 @pytest.mark.parametrize("task,extra,expected", [
@@ -114,7 +140,7 @@ def _worker_pid(rank: int):
     ("squad", ["--variant", "a2", "--nproc", "4", "--eval-batch-size", "2"], "at least one feature per process"),
     ("sst2", ["--variant", "qlora", "--nproc", "2"], "cannot train data-parallel: run it with nproc=1"),
 ])
-def test_what_cannot_run_data_parallel_is_refused_in_one_line(task, extra, expected, tracking_uri):
+def test_what_cannot_run_data_parallel_is_refused_in_one_line(task, extra, expected, empty_tracking_uri):
     from click.testing import CliRunner
 
     from hpml.cli import main
@@ -123,4 +149,4 @@ def test_what_cannot_run_data_parallel_is_refused_in_one_line(task, extra, expec
     assert result.exit_code == 2
     assert result.output.strip().startswith("hpml: error:") and expected in result.output
     assert len(result.output.strip().splitlines()) == 1
-    assert not os.path.exists(tracking_uri.removeprefix("sqlite:///")), "refused before the store was touched"
+    assert not os.path.exists(empty_tracking_uri.removeprefix("sqlite:///")), "refused before the store was touched"

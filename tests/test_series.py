@@ -37,7 +37,7 @@ def test_bad_series_names_end_in_one_line(name, message):
         resolve_variants(name, cuda=False)
 
 
-def test_cli_refuses_bad_input_before_any_run(tracking_uri, tmp_path):
+def test_cli_refuses_bad_input_before_any_run(empty_tracking_uri, tmp_path):
     result = CliRunner().invoke(main, ["series", "a2,a1", "--seeds", "0"])
     assert result.exit_code == 2 and result.output.strip() == "hpml: error: seeds must be 1 or more, got 0"
     result = CliRunner().invoke(main, ["series", "fp32", "--data-dir", str(tmp_path)])

@@ -160,7 +160,7 @@ def test_training_both_tasks_logs_registers_and_reports_through_the_server(team_
     # Bob is of another team: READ everywhere is enough to report on everyone's runs (hpml-report is his).
     assert res.exit_code == 0, res.output
     lora = read_csv(out / "table6_sst2.csv")["lora"]
-    assert lora["val acc"] == f"{sst2.data.metrics[tracking.M_ACCURACY]:.4f}" and lora["device"] == "cpu"
+    assert lora["val acc"] == f"{sst2.data.metrics[tracking.M_ACCURACY]:.4f}" and lora["device"] == tracking.device_name()
     a2 = read_csv(out / "table2_a_series.csv")["A2"]
     assert (a2["EM"], a2["F1"]) == (f"{squad.data.metrics[tracking.M_EXACT]:.2f}",
                                     f"{squad.data.metrics[tracking.M_F1]:.2f}")

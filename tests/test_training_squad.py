@@ -28,37 +28,61 @@ def tiny_cfg(variant, squad_dir, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_every_cpu_variant_runs_two_steps_through_mlflow_run(squad_dir, tracking_uri):
-    """One `mlflow run` per variant (2 steps, tiny BERT): FINISHED, the full metric set, one registry version."""
-    client = MlflowClient(tracking_uri)
-    for variant in CPU_VARIANTS:
-        out = mlflow_run("train_squad", {"variant": variant.upper(), "model": "random:tiny", "data_dir": squad_dir,
-                                         "max_steps": 2, "batch_size": 4, "max_eval_samples": 12, "max_length": 128,
-                                         "doc_stride": 32, "purpose": "test"}, experiment="hpml-squad")
-        assert out.returncode == 0, f"{variant}: {out.stderr[-2500:]}"
-    runs = client.search_runs([client.get_experiment_by_name("hpml-squad").experiment_id])
-    by_variant = {r.data.tags[tracking.TAG_VARIANT]: r for r in runs}
-    assert sorted(by_variant) == sorted(CPU_VARIANTS)
-    for variant, run in by_variant.items():
-        assert run.info.status == "FINISHED" and run.info.run_name == variant
-        missing = [k for k in SQUAD_METRICS if k not in run.data.metrics]
-        assert not missing, f"{variant} lacks {missing}"
-        assert 0 <= run.data.metrics["eval_f1"] <= 100
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        assert run.data.params["resolved.precision"] == modeling.resolve_precision(get_variant(variant), device)
-        # what really ran: eager attention for a1 only, varlen for the packed variants, and a compiled wrapper
-        # exactly where the catalog asks
-        v = get_variant(variant)
-        expected_attention = packing.VARLEN if v.batching.padding == "packed" else v.attention.impl
-        assert run.data.tags[tracking.TAG_ATTENTION] == expected_attention, variant
-        assert run.data.tags[tracking.TAG_COMPILED] == (v.compile.backend if v.compile.enabled else "no"), variant
-        (mv,) = client.search_model_versions(f"name='hpml-squad-{variant}'")
-        assert mv.run_id == run.info.run_id
-        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"predictions.json", "null_odds.json"} <= arts
-    # trainable share follows the catalog's definitions
-    pct = {v: by_variant[v].data.metrics[tracking.M_TRAINABLE_PCT] for v in by_variant}
-    assert pct["a2"] == 100 and pct["b2"] < 5 and pct["b1"] < 20 and 0 < pct["b3"] < 100
+SWEEP = {"model": "random:tiny", "max_steps": 2, "batch_size": 4, "max_eval_samples": 12, "max_length": 128,
+         "doc_stride": 32, "purpose": "test"}
+
+
+def check_variant_run(client, variant: str):
+    """The run of `variant` in this store: FINISHED, the full metric set, what really ran, one registry version."""
+    (run,) = client.search_runs([client.get_experiment_by_name("hpml-squad").experiment_id],
+                                f"tags.{tracking.TAG_VARIANT} = '{variant}'")
+    assert run.info.status == "FINISHED" and run.info.run_name == variant
+    missing = [k for k in SQUAD_METRICS if k not in run.data.metrics]
+    assert not missing, f"{variant} lacks {missing}"
+    assert 0 <= run.data.metrics["eval_f1"] <= 100
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    v = get_variant(variant)
+    assert run.data.params["resolved.precision"] == modeling.resolve_precision(v, device)
+    # what really ran: eager attention for a1 only, varlen for the packed variants, and a compiled wrapper
+    # exactly where the catalog asks
+    expected_attention = packing.VARLEN if v.batching.padding == "packed" else v.attention.impl
+    assert run.data.tags[tracking.TAG_ATTENTION] == expected_attention, variant
+    assert run.data.tags[tracking.TAG_COMPILED] == (v.compile.backend if v.compile.enabled else "no"), variant
+    (mv,) = client.search_model_versions(f"name='hpml-squad-{variant}'")
+    assert mv.run_id == run.info.run_id
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"predictions.json", "null_odds.json"} <= arts
+    return run
+
+
+def test_train_squad_entry_point_through_mlflow_run(squad_dir, tracking_uri):
+    """`mlflow run . -e train_squad` (2 steps, tiny BERT, a compiled variant named in upper case): the
+    MLproject's parameters reach hpml, the run MLflow opened is the one that finishes and registers. The entry
+    point passes the same parameters for every variant; the per-variant sweep below runs the same CLI
+    in-process (each `mlflow run` costs two interpreter starts)."""
+    out = mlflow_run("train_squad", {"variant": "A3", "data_dir": squad_dir, **SWEEP}, experiment="hpml-squad")
+    assert out.returncode == 0, out.stderr[-2500:]
+    run = check_variant_run(MlflowClient(tracking_uri), "a3")
+    assert run.data.params["max_steps"] == "2" and run.data.params["variant"] == "a3"
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_every_cpu_variant_trains_logs_and_registers(variant, squad_dir, tracking_uri):
+    """Each CPU variant through `hpml train-squad` (in-process, 2 steps, tiny BERT): FINISHED, the full metric
+    set, what really ran, one registry version, and a trainable share that follows the catalog."""
+    from click.testing import CliRunner
+
+    from hpml.cli import main
+
+    args = ["train-squad", "--variant", variant, "--data-dir", str(squad_dir)]
+    for k, val in SWEEP.items():
+        args += [f"--{k.replace('_', '-')}", str(val)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, (res.output[-2500:], res.exception)
+    run = check_variant_run(MlflowClient(tracking_uri), variant)
+    pct = run.data.metrics[tracking.M_TRAINABLE_PCT]
+    expected = {"a2": lambda p: p == 100, "b2": lambda p: p < 5, "b1": lambda p: p < 20, "b3": lambda p: 0 < p < 100}
+    assert expected.get(variant, lambda p: p > 0)(pct), (variant, pct)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -161,6 +161,7 @@ def squad_row(label, values, study_em, study_f1, device, knobs=None, model=_):
 
 
 EMPTY7 = (_,) * 7
+HERE = T.device_name()  # the device tag runs made in this test get: "cpu" here, the GPU's name on CUDA
 
 
 # ---- the report over HTTP: every table, the plots, the logged run ---------------------------------------
@@ -171,11 +172,11 @@ def test_report_tables_have_the_expected_cells(reported, mlflow_server):
     assert [r["ID"] for r in read_table(out, "table1_configurations")] == [v.id for v in CATALOG]
 
     a2, a2_tags = server_metrics(client, "squad", "a2")
-    assert a2_tags[T.TAG_DEVICE] == "cpu" and a2_tags[T.TAG_PURPOSE] == "test"
+    assert a2_tags[T.TAG_DEVICE] == HERE and a2_tags[T.TAG_PURPOSE] == "test"
     a2_cells = tuple(cell(a2, m, d) for m, d in zip(SQUAD_COLS, (2, 2, 2, 2, 3, 2, 2)))
     assert read_table(out, "table2_a_series") == [
         squad_row("A1", ("73.21", "76.62", "66.97", "181.19", "0.796", "9001.32", "43.91"), "73.21", "76.62", H100),
-        squad_row("A2", a2_cells, "73.26", "76.56", "cpu", model="random:tiny"),
+        squad_row("A2", a2_cells, "73.26", "76.56", HERE, model="random:tiny"),
         squad_row("A3", EMPTY7, "73.37", "76.89", _),  # only a FAILED run
         squad_row("A4-nb", EMPTY7, "73.78", "77.23", _),
         squad_row("A4-b", EMPTY7, "25.82", "26.87", _),
@@ -222,9 +223,9 @@ def test_report_tables_have_the_expected_cells(reported, mlflow_server):
     assert fp32[T.M_TRAINABLE] == fp32[T.M_TOTAL] and lora[T.M_TRAINABLE] < lora[T.M_TOTAL]
     table6 = read_table(out, "table6_sst2")
     assert table6 == [
-        sst2("fp32", fp32, "cpu", "0.9163", "0.9025 → 0.9163", model="random:tiny"),
+        sst2("fp32", fp32, HERE, "0.9163", "0.9025 → 0.9163", model="random:tiny"),
         sst2("bf16", {}, _, _, _),
-        sst2("lora", lora, "cpu", _, _, model="random:tiny"),
+        sst2("lora", lora, HERE, _, _, model="random:tiny"),
         sst2("qlora", KNOWN_RUNS[-1][-1], H100, "0.9060", "0.8933 → 0.9060"),
     ]
     # The known QLoRA row in full, so the expectation above is not only the table's own arithmetic again.
