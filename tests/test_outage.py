@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,8 +54,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, migrated_store):
     srv = Server(tmp_path_factory.mktemp("outage-server"))
+    shutil.copyfile(migrated_store / "mlflow.db", srv.root / "server.db")  # no migrations at startup
     srv.start()
     yield srv
     if srv.proc.poll() is None:
