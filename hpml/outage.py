@@ -78,7 +78,7 @@ def _log_end(end: Ending) -> dict:
 def _say_waiting(buffer) -> None:
     since = time.strftime("%H:%M:%S", time.localtime(buffer.down_since))
     wait = tracking.env_seconds(tracking.SERVER_WAIT_ENV, tracking.SERVER_WAIT_DEFAULT)
-    print(f"hpml: note: tracking server {buffer.uri} unreachable since {since} ({buffer.last_error[:120]}); "
+    print(f"hpml: note: tracking server {buffer.uri} unreachable since {since} ({buffer.last_error}); "
           f"training is done, waiting up to {wait:g} s ({tracking.SERVER_WAIT_ENV}) for it to take "
           f"{len(buffer.pending())} buffered metrics, the artifacts and the model", file=sys.stderr, flush=True)
 

@@ -400,6 +400,7 @@ RETRY_MAX_ENV = "HPML_SERVER_RETRY_S"  # longest pause between two tries of the 
 RETRY_MAX_DEFAULT = 30.0
 REQUEST_TIMEOUT_S = 10.0  # one try of one batch: a live server answers a log-batch in milliseconds
 BATCH = 1000  # MLflow's log-batch limit on metrics per request
+BATCH_ROWS = 500  # metrics and tags per request of the buffer: within log-batch's 1000 entries (100 tags)
 
 
 def env_seconds(name: str, default: float) -> float:
@@ -437,6 +438,7 @@ class MetricBuffer:
         self.last_error = ""
         self.fatal: Optional[BaseException] = None
         self.closed = False
+        self._wake = False  # set by drain(): someone waits for the server, try again now
         self.thread = threading.Thread(target=self._loop, name="hpml-metric-buffer", daemon=True)
         self.thread.start()
 
@@ -487,8 +489,6 @@ class MetricBuffer:
             exc, self.fatal = self.fatal, None
             raise exc
 
-    _wake = False
-
     def _loop(self) -> None:
         import time
 
@@ -499,7 +499,7 @@ class MetricBuffer:
                     self.cond.wait()
                 if self.closed:
                     return
-                batch = self.items[:BATCH]
+                batch = self.items[:BATCH_ROWS]
             try:
                 self._send(batch)
             except _Unreachable as exc:
@@ -543,7 +543,7 @@ class MetricBuffer:
             response = http_request(get_default_host_creds(self.uri), "/api/2.0/mlflow/runs/log-batch", "POST",
                                     max_retries=0, timeout=REQUEST_TIMEOUT_S, raise_on_status=False, json=body)
         except Exception as exc:  # connection refused, timeout, DNS: the server is away
-            raise _Unreachable(str(exc)) from exc
+            raise _Unreachable(_reason(str(exc))) from exc
         if response.status_code in (429,) or response.status_code >= 500:  # busy or restarting
             raise _Unreachable(f"HTTP {response.status_code}")
         verify_rest_response(response, "/api/2.0/mlflow/runs/log-batch")
@@ -551,6 +551,15 @@ class MetricBuffer:
 
 class _Unreachable(Exception):
     pass
+
+
+def _reason(text: str) -> str:
+    """The cause inside a requests/urllib3 error message ("[Errno 111] Connection refused", "Read timed
+    out"), not its several lines of wrapping."""
+    import re
+
+    found = re.search(r"\[Errno -?\d+\][^'\")\]]*|Read timed out|Connection aborted|Name or service not known", text)
+    return found.group(0).strip() if found else text.splitlines()[0][:120] if text else "no answer"
 
 
 _BUFFER: Optional[MetricBuffer] = None
