@@ -602,8 +602,12 @@ def buffered() -> tuple[list[tuple], Optional[float], str]:
 
 
 def server_reachable(uri: str = "") -> bool:
+    """False only for a tracking server that does not answer /health (a local store is always there)."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return True
     try:
-        check_health(uri or tracking_uri(), timeout=5)
+        check_health(uri, timeout=5)
         return True
     except HpmlError:
         return False
