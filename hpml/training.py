@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from hpml import checkpoints, export, launch, modeling, outage, serving, signals, tracking, validate
+from hpml import checkpoints, export, launch, modeling, outage, signals, tracking, validate
 from hpml.config import TrainConfig, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
