@@ -79,8 +79,12 @@ class LossTracking:
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         if os.path.isdir(folder):
-            with open(os.path.join(folder, LOSS_FILE), "w") as f:
+            # Written under another name, then renamed: LOSS_FILE marks a complete checkpoint, so a kill
+            # mid-write must not leave it empty (resume would then fail to parse it).
+            tmp = os.path.join(folder, LOSS_FILE + ".tmp")
+            with open(tmp, "w") as f:
                 json.dump({"loss_sum": self.loss_sum(), "step": self.state.global_step}, f)
+            os.replace(tmp, os.path.join(folder, LOSS_FILE))
 
     def start_from(self, checkpoint: Optional[str]) -> None:
         import torch
