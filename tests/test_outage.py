@@ -107,7 +107,7 @@ def test_mlflow_run_dead_server_one_line(tmp_path, plugin_path, sst2_dir):
     assert out.returncode != 0
     assert lines == [f"hpml: error: tracking server {dead} is unreachable ([Errno 111] Connection refused): start "
                      "it (mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db"], lines
-    assert took < 30, f"{took:.1f} s"  # imports of mlflow's CLI take a few seconds on a loaded 2-core machine
+    assert took < 15, f"{took:.1f} s"  # 3.5-5.7 s measured on a loaded 2-core machine (mostly imports)
 
 
 class Training:
