@@ -22,8 +22,12 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/hpml demo
 
+# Two pytest workers (pytest-xdist): much of a test's time is single-threaded (imports, tokenizing, MLflow's
+# store, subprocess starts), so two interleave well on 2 cores. Modules whose fixtures are built once stay
+# on one worker (xdist_group + --dist loadgroup).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
 
 ui:
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,6 +28,9 @@ from hpml.data.sst2 import read_tsv
 from hpml.variants import Compile
 
 from conftest import BIN, free_port, last_line, run_cmd, with_venv_path
+
+# Its module-scoped fixtures are built once: under `pytest -n` (make test) its tests share one worker.
+pytestmark = pytest.mark.xdist_group("serving")
 
 # (task, variant): a LoRA adapter and a full fine-tune per task. b1 is LoRA + torch.compile; compile changes
 # speed, not what is exported, and costs ~100 s cold on 2 CPU cores, so it is switched off here.
@@ -345,3 +350,64 @@ def test_served_sst2_model_answers_like_hpml_predict(store, cli_predictions, ser
     assert [p["label"] for p in body["predictions"]] == [w["label"] for w in want]
     np.testing.assert_allclose([p["probability"] for p in body["predictions"]], [w["probability"] for w in want],
                                atol=1e-6)
+
+
+# ---- self-contained: only the logged requirements and the code that travels with the model ---------------
+ONLY_REQUIREMENTS = r"""
+import json, sys
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+print(json.dumps(model.predict(pd.DataFrame(json.loads(sys.argv[2]))).to_dict("records")))
+"""
+
+
+def requirements_only_site(model_dir: Path, out: Path) -> Path:
+    """A site folder holding only the distributions the model's requirements.txt names and what those declare
+    they need (symlinks into this venv): what `pip install -r requirements.txt` gives a fresh environment,
+    without the download. hpml is not among them; it must come from the model's own code folder."""
+    import importlib.metadata as md
+    import re
+
+    def name_of(req: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.split(r"[\s=<>!~\[;(]", req.strip(), maxsplit=1)[0]).lower()
+
+    lines = (model_dir / "requirements.txt").read_text().splitlines()
+    todo, dists = [name_of(ln) for ln in lines if ln.strip() and not ln.startswith(("#", "-"))], {}
+    while todo:
+        name = todo.pop()
+        if name in dists:
+            continue
+        try:
+            dists[name] = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue  # a platform-conditional need absent here (e.g. pywin32)
+        todo += [name_of(r) for r in dists[name].requires or [] if "extra ==" not in r]
+    out.mkdir()
+    site = Path(md.distribution("mlflow").locate_file(""))
+    tops = {Path(str(f)).parts[0] for d in dists.values() for f in d.files or [] if not str(f).startswith("..")}
+    for top in sorted(tops - {"__pycache__"}):
+        if (site / top).exists() and not top.endswith(".pth"):
+            (out / top).symlink_to(site / top)
+    assert "hpml" not in tops and not (out / "hpml").exists()
+    return out
+
+
+def test_registered_model_predicts_with_only_its_logged_requirements(store, tmp_path):
+    """A self-contained model: `python -S` (no site-packages) over a folder of just the logged requirements and
+    their declared dependencies loads the registered version with mlflow.pyfunc and predicts what the full
+    environment predicts. (SQuAD: its postprocessing is the most hpml code that must travel; ~30 s.)"""
+    in_store(store)
+    task, variant = "squad", "a2"
+    rows = [{"question": "Who wrote it?", "context": "The book was written by Ada in 1843."}]
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/hpml-{task}-{variant}/1",
+                                                         dst_path=str(tmp_path / "model")))
+    site = requirements_only_site(model_dir, tmp_path / "site")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env.update(PYTHONPATH=str(site), HOME=str(tmp_path), PYTHONNOUSERSITE="1")
+    out = subprocess.run([sys.executable, "-S", "-c", ONLY_REQUIREMENTS, str(model_dir), json.dumps(rows)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame(rows)).to_dict("records")
+    rounded = lambda recs: [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in recs]
+    assert rounded(got) == rounded(expected) and len(got) == len(rows)
