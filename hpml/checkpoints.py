@@ -79,8 +79,12 @@ class LossTracking:
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         if os.path.isdir(folder):
-            with open(os.path.join(folder, LOSS_FILE), "w") as f:
+            # Written under another name, then renamed: LOSS_FILE marks a complete checkpoint, so a kill
+            # mid-write must not leave it empty (resume would then fail to parse it).
+            tmp = os.path.join(folder, LOSS_FILE + ".tmp")
+            with open(tmp, "w") as f:
                 json.dump({"loss_sum": self.loss_sum(), "step": self.state.global_step}, f)
+            os.replace(tmp, os.path.join(folder, LOSS_FILE))
 
     def start_from(self, checkpoint: Optional[str]) -> None:
         import torch
@@ -161,6 +165,12 @@ def to_resume(ref: str, task: Optional[str] = None) -> TrainConfig:
         raise UsageError(f"run {run_id} was data-parallel: resume continues single-process runs only (data-parallel "
                          "runs keep no resumable checkpoints yet); start a new run")
     folder = tags.get(tracking.TAG_CHECKPOINT_DIR, "")
+    from hpml import outage
+
+    pending = outage.pending_of(folder)
+    if pending:  # it trained to the end; only logging its end is left
+        raise UsageError(f"run {run_id} finished training while its tracking server was away: log its saved "
+                         f"end with hpml log-export {pending} (or hpml resume {run_id})")
     if not last_checkpoint(folder):
         raise UsageError(f"run {run_id} has no checkpoint (looked in {folder or 'nothing recorded'}): it stopped "
                          "before its first save; start a new run")

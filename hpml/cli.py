@@ -195,10 +195,32 @@ def resume(run):
     from hpml.training import run_training
 
     tracking.connect()
+    if run.strip().lower() != "latest":  # a run that trained to the end while its server was away
+        from hpml import outage
+
+        pending = outage.pending_of(tracking.run_info(run.strip())["tags"].get(tracking.TAG_CHECKPOINT_DIR, ""))
+        if pending:
+            click.echo(f"logging run {run.strip()}'s pending export {pending}", err=True)
+            summary = outage.log_export(pending)
+            _print_summary(summary.pop("task"), summary)
+            return
     cfg = checkpoints.to_resume(run)
     click.echo(f"resuming {cfg.task} run {cfg.resume} ({cfg.variant}) from "
                f"{checkpoints.last_checkpoint(checkpoints.run_dir(cfg, cfg.resume))}", err=True)
     _print_summary(cfg.task, run_training(cfg))
+
+
+@main.command("log-export")
+@click.argument("path")
+@click.option("--tracking-uri", default="", help="the server to log to [default: the one the run used]")
+@one_line_errors
+def log_export_cmd(path, tracking_uri):
+    """Log the export a run saved because its tracking server was away at its end (the folder its last
+    line named): metrics at their steps, artifacts, one registry version, the run FINISHED."""
+    from hpml import outage
+
+    summary = outage.log_export(path, tracking_uri)
+    _print_summary(summary.pop("task"), summary)
 
 
 @main.command("runs")

@@ -119,15 +119,21 @@ def connect(explicit: str = "", experiment: str = "", model: str = "") -> str:
 CAN_WRITE = ("EDIT", "MANAGE")  # basic-auth permissions that may log runs / add model versions
 
 
-def _check_server(uri: str, experiment: str, model: str) -> None:
+def check_health(uri: str, timeout: float = 5.0) -> None:
+    """One GET of the server's /health, no retries: an unreachable or unhealthy server is one line."""
+    uri = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri + "/health", timeout=5) as resp:
+        with urllib.request.urlopen(uri + "/health", timeout=timeout) as resp:
             ok = resp.status == 200
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise HpmlError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
                         "(mlflow server) or set MLFLOW_TRACKING_URI to a reachable server or sqlite:///mlflow.db")
     if not ok:
         raise HpmlError(f"tracking server {uri} answered /health with an error: check the server's log")
+
+
+def _check_server(uri: str, experiment: str, model: str) -> None:
+    check_health(uri)
     # /health answers everyone: only an authenticated endpoint tells whether the credentials work.
     from mlflow.utils.credentials import get_default_host_creds
 
@@ -272,14 +278,18 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
         already = mlflow.get_run(active.info.run_id).data.params
         log_params({k: v for k, v in inputs.items() if k not in already})
         log_params(resolved)
+        _start_buffer(active.info.run_id)
         yield active.info.run_id
+    except ServerLost:
+        _leave_run()  # the run stays RUNNING on the server: `hpml log-export` ends it FINISHED
+        raise
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    _end_run("FINISHED")
 
 
 @contextlib.contextmanager
@@ -331,7 +341,8 @@ def log_datasets(inputs: list[dict]) -> None:
                 mlflow.log_input(dataset, context=item["context"])
                 break
             except Exception as exc:  # MLflow's server races concurrent runs inserting the same dataset row
-                if attempt == 2 or "already exists" not in str(exc):
+                # PostgreSQL says "already exists", SQLite "UNIQUE constraint failed"
+                if attempt == 2 or not any(m in str(exc) for m in ("already exists", "UNIQUE constraint failed")):
                     raise
                 import time
 
@@ -361,15 +372,331 @@ def log_params(params: dict[str, object]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: Optional[int] = None) -> None:
+    """Log to the active run; on a tracking server, through the run's buffer (never blocks on the server)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+    values = {k: float(v) for k, v in metrics.items() if v is not None}
+    buffer = _run_buffer()
+    if buffer is not None:
+        buffer.add([("metric", k, v, step or 0) for k, v in values.items()])
+        return
+    mlflow.log_metrics(values, step=step)
 
 
 def set_tags(tags: dict[str, str]) -> None:
     import mlflow
 
+    buffer = _run_buffer()
+    if buffer is not None:
+        buffer.add([("tag", k, str(v), 0) for k, v in tags.items()])
+        return
     mlflow.set_tags(tags)
+
+
+# ---- server outages: what a run logs while its tracking server is away -------------------------------------
+# Bounds, each overridable in the environment (tests use small values):
+SERVER_WAIT_ENV = "HPML_SERVER_WAIT_S"  # how long a run's end waits for a lost server before saving an export
+SERVER_WAIT_DEFAULT = 600.0  # a server restart or a short network cut, not a day-long outage
+RETRY_MAX_ENV = "HPML_SERVER_RETRY_S"  # longest pause between two tries of the buffered data
+RETRY_MAX_DEFAULT = 30.0
+REQUEST_TIMEOUT_S = 10.0  # one try of one batch: a live server answers a log-batch in milliseconds
+BATCH = 1000  # MLflow's log-batch limit on metrics per request
+BATCH_ROWS = 500  # metrics and tags per request of the buffer: within log-batch's 1000 entries (100 tags)
+
+
+def env_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    try:
+        return max(0.0, float(value)) if value else default
+    except ValueError:
+        raise UsageError(f"{name} must be a number of seconds, got {value!r}") from None
+
+
+class ServerLost(HpmlError):
+    """The tracking server stayed away at a run's end: the run's export is on disk (exit 3)."""
+
+    exit_code = 3
+
+
+class MetricBuffer:
+    """Metrics and tags of one run on a tracking server, sent by a background thread.
+
+    Training only appends to a list, so a lost server never stalls a step and `train_runtime_s` never
+    counts time spent on the server. The thread sends what is pending as MLflow log-batch requests (one
+    try each, REQUEST_TIMEOUT_S) and, while the server is away, tries again after 0.5, 1, 2 … s, at most
+    `HPML_SERVER_RETRY_S` apart, keeping everything with its step and original timestamp. A server that
+    answers with a client error (4xx: the data is wrong, not the server away) is not retried: the next
+    call from the run raises it, as a direct call would have."""
+
+    def __init__(self, uri: str, run_id: str):
+        import threading
+
+        self.uri, self.run_id = uri.rstrip("/"), run_id
+        self.retry_max = env_seconds(RETRY_MAX_ENV, RETRY_MAX_DEFAULT)
+        self.items: list[tuple] = []  # (kind, key, value, step, timestamp ms); kind "metric" | "tag"
+        self.cond = threading.Condition()
+        self.down_since: Optional[float] = None  # time.time() of the first failed try; None while it answers
+        self.last_error = ""
+        self.fatal: Optional[BaseException] = None
+        self.closed = False
+        self._wake = False  # set by drain(): someone waits for the server, try again now
+        self.thread = threading.Thread(target=self._loop, name="hpml-metric-buffer", daemon=True)
+        self.thread.start()
+
+    def add(self, rows: list[tuple]) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        with self.cond:
+            self._raise_fatal()
+            self.items.extend((*row, ts) for row in rows)
+            self.cond.notify_all()
+
+    def pending(self) -> list[tuple]:
+        with self.cond:
+            return list(self.items)
+
+    def drain(self, timeout: float, on_wait=None) -> bool:
+        """Wait until everything is sent (True) or `timeout` s pass with the server still away (False).
+        `on_wait(buffer)` is called once, when the first try fails, so the caller can say it is waiting."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        told, poked = False, 0.0
+        with self.cond:
+            while self.items:
+                self._raise_fatal()
+                if time.monotonic() - poked >= 1.0:  # someone waits now: try every second, not after the back-off
+                    self._wake, poked = True, time.monotonic()
+                    self.cond.notify_all()
+                if self.down_since is not None and not told and on_wait is not None:
+                    told = True
+                    on_wait(self)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.2))
+            self._raise_fatal()
+            return True
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join(timeout=REQUEST_TIMEOUT_S + 1)
+
+    def _raise_fatal(self) -> None:
+        if self.fatal is not None:
+            exc, self.fatal = self.fatal, None
+            raise exc
+
+    def _loop(self) -> None:
+        import time
+
+        delay = 0.5
+        while True:
+            with self.cond:
+                while not self.items and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                batch = self.items[:BATCH_ROWS]
+            try:
+                self._send(batch)
+            except _Unreachable as exc:
+                with self.cond:
+                    if self.down_since is None:
+                        self.down_since = time.time()
+                    self.last_error = str(exc)
+                    self.cond.notify_all()
+                    self._wake = False
+                    end = time.monotonic() + delay
+                    while not self.closed and not self._wake and time.monotonic() < end:
+                        self.cond.wait(end - time.monotonic())
+                delay = min(delay * 2, max(self.retry_max, 0.05))
+                continue
+            except Exception as exc:  # the server answered and refused the data: the run's next call raises it
+                with self.cond:
+                    self.fatal = exc
+                    del self.items[:len(batch)]
+                    self.cond.notify_all()
+                continue
+            with self.cond:
+                del self.items[:len(batch)]
+                self.down_since = None
+                self.cond.notify_all()
+            delay = 0.5
+
+    def _send(self, batch: list[tuple]) -> None:
+        import json
+
+        from mlflow.entities import Metric, RunTag
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.proto_json_utils import message_to_json
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        metrics = [Metric(k, v, ts, step).to_proto() for kind, k, v, step, ts in batch if kind == "metric"]
+        tags = {k: v for kind, k, v, _, _ in batch if kind == "tag"}  # the last value of a tag wins
+        body = json.loads(message_to_json(LogBatch(run_id=self.run_id, metrics=metrics,
+                                                   tags=[RunTag(k, v).to_proto() for k, v in tags.items()])))
+        try:
+            response = http_request(get_default_host_creds(self.uri), "/api/2.0/mlflow/runs/log-batch", "POST",
+                                    max_retries=0, timeout=REQUEST_TIMEOUT_S, raise_on_status=False, json=body)
+        except Exception as exc:  # connection refused, timeout, DNS: the server is away
+            raise _Unreachable(_reason(str(exc))) from exc
+        if response.status_code in (429,) or response.status_code >= 500:  # busy or restarting
+            raise _Unreachable(f"HTTP {response.status_code}")
+        verify_rest_response(response, "/api/2.0/mlflow/runs/log-batch")
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def _reason(text: str) -> str:
+    """The cause inside a requests/urllib3 error message ("[Errno 111] Connection refused", "Read timed
+    out"), not its several lines of wrapping."""
+    import re
+
+    found = re.search(r"\[Errno -?\d+\][^'\")\]]*|Read timed out|Connection aborted|Name or service not known", text)
+    return found.group(0).strip() if found else text.splitlines()[0][:120] if text else "no answer"
+
+
+_BUFFER: Optional[MetricBuffer] = None
+
+
+def _start_buffer(run_id: str) -> None:
+    """A buffer for the run when it logs to a tracking server (a local store has no outages to ride out)."""
+    import mlflow
+
+    global _BUFFER
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _BUFFER = MetricBuffer(uri, run_id)
+
+
+def _run_buffer() -> Optional[MetricBuffer]:
+    import mlflow
+
+    active = mlflow.active_run()
+    if _BUFFER is not None and active is not None and active.info.run_id == _BUFFER.run_id:
+        return _BUFFER
+    return None
+
+
+def await_server(note=None) -> bool:
+    """The end of a run: wait (at most HPML_SERVER_WAIT_S) until every buffered metric and tag reached the
+    server. True when it did (or there is no server), False when the server is still away."""
+    buffer = _run_buffer()
+    if buffer is None:
+        return True
+    return buffer.drain(env_seconds(SERVER_WAIT_ENV, SERVER_WAIT_DEFAULT), on_wait=note)
+
+
+def buffered() -> tuple[list[tuple], Optional[float], str]:
+    """What the run's buffer still holds, when the server went away (time.time()) and its last error."""
+    buffer = _run_buffer()
+    if buffer is None:
+        return [], None, ""
+    return buffer.pending(), buffer.down_since, buffer.last_error
+
+
+def server_reachable(uri: str = "") -> bool:
+    """False only for a tracking server that does not answer /health (a local store is always there)."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        check_health(uri, timeout=5)
+        return True
+    except HpmlError:
+        return False
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    """MLflow's client without its retries (minutes against a dead server), for calls that may fail."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({names[0]: "0", names[1]: "5"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def reopen_run(run_id: str) -> Iterator[str]:
+    """Continue an existing run in this process (RUNNING again): FINISHED when the body returns, FAILED if
+    it raises (`hpml log-export`: a run whose export could not be logged says so; the export stays)."""
+    import mlflow
+
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield run_id
+    except BaseException:
+        _leave_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_rows(run_id: str, rows: list[tuple]) -> None:
+    """Log buffered (kind, key, value, step, timestamp ms) rows as they were: metrics at their steps and
+    times, tags with their last value."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    metrics = [Metric(k, float(v), int(ts), int(step)) for kind, k, v, step, ts in rows if kind == "metric"]
+    tags = {k: str(v) for kind, k, v, _, _ in rows if kind == "tag"}
+    client = MlflowClient()
+    for i in range(0, max(len(metrics), 1), BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + BATCH], tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+
+
+def _close_buffer() -> Optional[MetricBuffer]:
+    global _BUFFER
+    buffer, _BUFFER = _BUFFER, None
+    if buffer is not None:
+        buffer.close()
+    return buffer
+
+
+def _end_run(status: str) -> None:
+    """End the active run. Buffered data goes first: all of it for FINISHED (the caller waited already), a
+    few seconds' worth otherwise (a signal must not wait for a lost server). A server still away gets one
+    quick try: the run then stays as it was on the server rather than the process hanging for minutes."""
+    import mlflow
+
+    buffer = _run_buffer()
+    down = False
+    if buffer is not None:
+        try:
+            down = not buffer.drain(5.0 if status != "FINISHED" else env_seconds(SERVER_WAIT_ENV, SERVER_WAIT_DEFAULT))
+        except Exception:
+            down = status != "FINISHED"
+            if not down:
+                raise
+        finally:
+            _close_buffer()
+    if down:
+        _leave_run(status)
+        return
+    mlflow.end_run(status)
+
+
+def _leave_run(status: str = "FAILED") -> None:
+    """Leave the active run in this process without waiting for a lost server (one quick try to set
+    `status`; end_run takes the run off MLflow's stack before it calls the server)."""
+    import mlflow
+
+    _close_buffer()
+    with _fail_fast(), contextlib.suppress(Exception):
+        mlflow.end_run(status)
 
 
 def log_artifacts(local_dir: str, artifact_path: Optional[str] = None) -> None:

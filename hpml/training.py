@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from hpml import checkpoints, export, launch, modeling, serving, signals, tracking, validate
+from hpml import checkpoints, export, launch, modeling, outage, signals, tracking, validate
 from hpml.config import TrainConfig, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
@@ -388,14 +388,12 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started:
         del trainer
         built.model = None
         metrics.update(eval_vram(export_dir, spec, variant, cfg, prep, built.arguments, os.path.join(work, "eval")))
-    tracking.log_metrics(metrics, step=last_epoch)
-    tracking.log_artifacts(artifacts)
+    tracking.log_metrics(metrics, step=last_epoch)  # buffered on a server, like every metric before it
+    end = outage.Ending(run_id=run_id, task=spec.name, variant=variant.id, register=cfg.register,
+                        quantized=variant.precision.quantization is not None, headline=spec.headline,
+                        metrics=metrics, tags=tags, artifacts_dir=artifacts,
+                        export_dir=export_dir if cfg.register else "", checkpoint_dir=ckpt_dir if resumable else "")
+    # Artifacts, registration, checkpoints deleted; a server still away saves all that under output_dir.
     summary: dict[str, object] = {"run_id": run_id, "variant": variant.id, "metrics": metrics}
-    if cfg.register:
-        name = tracking.registered_model_name(spec.name, variant.id)
-        model = serving.model_spec(spec, quantized=variant.precision.quantization is not None)
-        version, champion = tracking.register_model(export_dir, name, model, spec.headline, metrics, tags)
-        summary.update(registered=name, version=version, champion=champion)
-    if resumable:
-        checkpoints.remove(ckpt_dir)  # finished: the registry (or the run's artifacts) holds what is needed
+    summary.update(outage.finish(end, checkpoints.run_dir(cfg, run_id)))
     return summary
