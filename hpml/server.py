@@ -72,7 +72,10 @@ def check_uri(uri: str, what: str) -> None:
 
 def _connect(uri: str, dbname: str):
     """A psycopg connection to `dbname` on the server of `uri` (libpq reads the URI MLflow's SQLAlchemy does)."""
-    import psycopg
+    try:
+        import psycopg
+    except ImportError:  # a declared dependency, missing from an environment hpml was copied into
+        raise HpmlError("psycopg, the PostgreSQL driver, is not installed: pip install 'psycopg[binary]'") from None
 
     parts = urlsplit(uri)
     dsn = with_database(urlunsplit(parts._replace(scheme="postgresql")), dbname)  # drop a +driver suffix

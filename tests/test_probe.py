@@ -53,7 +53,17 @@ def test_probe_on_cuda_measures_the_split_from_real_tensors(tracking_uri):
     assert a3[tracking.M_MEM_GRADS] == pytest.approx(trainable_mib, rel=0.01)
     # AdamW keeps two fp32 moments per trainable weight; 8-bit AdamW two 8-bit ones (+ small quantile maps)
     assert a3[tracking.M_MEM_OPTIMIZER] == pytest.approx(2 * trainable_mib, rel=0.05)
-    assert c1[tracking.M_MEM_OPTIMIZER] < 0.5 * a3[tracking.M_MEM_OPTIMIZER]
+    # transformers' Trainer keeps nn.Embedding weights on 32-bit states under bitsandbytes' 8-bit optimizers
+    # (for stability), so on this tiny BERT, whose weights are mostly its embeddings, 8-bit saves little.
+    from transformers import BertConfig
+
+    from hpml.modeling import BERT_VOCAB_SIZE, RANDOM_SIZES
+
+    cfg = BertConfig(vocab_size=BERT_VOCAB_SIZE, **RANDOM_SIZES["tiny"])
+    emb = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * cfg.hidden_size
+    rest = a3[tracking.M_TRAINABLE] - emb
+    assert c1[tracking.M_MEM_OPTIMIZER] == pytest.approx((8 * emb + 2 * rest) / 2**20, rel=0.05)
+    assert c1[tracking.M_MEM_OPTIMIZER] < a3[tracking.M_MEM_OPTIMIZER]
     # BitFit: only biases and the head have gradients and moments
     assert b2[tracking.M_MEM_GRADS] == pytest.approx(b2[tracking.M_TRAINABLE] * 4 / 2**20, rel=0.01)
     assert b2[tracking.M_MEM_GRADS] < 0.05 * a3[tracking.M_MEM_GRADS]

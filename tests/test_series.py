@@ -70,6 +70,7 @@ def _runs(client):
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
+@pytest.mark.slow
 def test_series_resumes_and_retries_only_the_killed_child(tracking_uri, tmp_path):
     data = tmp_path / "squad"
     synthetic.write_squad(str(data), 16, 6, seed=3)

