@@ -6,7 +6,7 @@ STAMP := $(VENV)/.hpml-installed
 # MLproject commands run `python …`: with the venv first on PATH that is the venv's, activated or not.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test ui server clean
+.PHONY: install demo test test-learning ui server clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +27,12 @@ demo: install
 # on one worker (xdist_group + --dist loadgroup).
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "not gpu and not learning" tests
+
+# The two real-model accuracy checks (MiniLM on 4,000 real SST-2 rows; MiniLM's first two layers on generated
+# SQuAD v2): about 6 minutes together on 2 cores. CI runs them after `make test`.
+test-learning: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=5 -m learning tests
 
 ui:
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db

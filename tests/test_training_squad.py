@@ -115,6 +115,7 @@ def minilm_slice(out_dir, layers: int) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_two_layer_bert_learns_generated_squad(tracking_uri, tmp_path):
     """300 steps of a 2-layer BERT must beat the all-no-answer baseline by >= 10 EM points on unseen questions.
 

@@ -174,6 +174,7 @@ def test_mlflow_run_with_a_bad_file_ends_failed(sst2_dir, tracking_uri, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SST2_REAL.exists(), reason="../shared/data/sst2 is absent (real-data accuracy test)")
+@pytest.mark.learning
 def test_real_sst2_with_minilm_through_mlflow_run(tracking_uri, tmp_path):
     """all-MiniLM-L6-v2 on the first 4,000 real SST-2 rows, 1 epoch, full dev set: a real accuracy check.
 
