@@ -23,11 +23,11 @@ demo: install
 	$(VENV)/bin/hpml demo
 
 # Two pytest workers (pytest-xdist): much of a test's time is single-threaded (imports, tokenizing, MLflow's
-# store, subprocess starts), so two interleave well on 2 cores. Modules whose fixtures are built once stay
-# on one worker (xdist_group + --dist loadgroup).
+# store, subprocess starts), so two interleave well on 2 cores. A file runs on one worker (--dist loadfile),
+# so module fixtures are built once; tests/conftest.py hands out the heaviest files first.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "not gpu and not learning" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not gpu and not learning" tests
 
 # The two real-model accuracy checks (MiniLM on 4,000 real SST-2 rows; MiniLM's first two layers on generated
 # SQuAD v2): about 6 minutes together on 2 cores. CI runs them after `make test`.

@@ -13,8 +13,6 @@ from mlflow import MlflowClient
 
 from conftest import BIN, LEAKY_ENV, last_line, minilm_or_skip, mlflow_run, run_cmd, with_venv_path
 
-# Its module-scoped fixtures are built once: under `pytest -n` (make test) its tests share one worker.
-pytestmark = pytest.mark.xdist_group("distributed")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ from mlflow import MlflowClient
 
 from hpml import cli
 
-# Its module-scoped fixtures are built once: under `pytest -n` (make test) its tests share one worker.
-pytestmark = pytest.mark.xdist_group("malformed")
 
 NON_UTF8 = "caf\xe9".encode("latin-1")  # 0xe9 alone is not UTF-8
 

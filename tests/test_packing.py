@@ -10,8 +10,6 @@ from hpml.data import squad
 from hpml.data.batching import Collator
 from hpml.variants import get_variant
 
-# Its module-scoped fixtures are built once: under `pytest -n` (make test) its tests share one worker.
-pytestmark = pytest.mark.xdist_group("packing")
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,6 @@ from conftest import BIN, free_port, run_cmd
 from hpml import cli, tracking
 from pgcluster import Cluster, pg_bindir
 
-# Its module-scoped fixtures are built once: under `pytest -n` (make test) its tests share one worker.
-pytestmark = pytest.mark.xdist_group("team-server")
 
 ADMIN = ("admin", "admin-password-123")
 ALICE = ("alice", "alice-password-123")  # team A: trains and owns what she creates

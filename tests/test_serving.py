@@ -29,8 +29,6 @@ from hpml.variants import Compile
 
 from conftest import BIN, free_port, last_line, run_cmd, with_venv_path
 
-# Its module-scoped fixtures are built once: under `pytest -n` (make test) its tests share one worker.
-pytestmark = pytest.mark.xdist_group("serving")
 
 # (task, variant): a LoRA adapter and a full fine-tune per task. b1 is LoRA + torch.compile; compile changes
 # speed, not what is exported, and costs ~100 s cold on 2 CPU cores, so it is switched off here.

@@ -17,8 +17,6 @@ from hpml.errors import UsageError
 from hpml.report.plots import PLOT_FILES
 from hpml.variants import CATALOG
 
-# Its module-scoped fixtures are built once: under `pytest -n` (make test) its tests share one worker.
-pytestmark = pytest.mark.xdist_group("report-e2e")
 
 _ = "—"  # a measured cell without a FINISHED run (or a metric the run did not log)
 H100 = "NVIDIA H100 80GB HBM3"
