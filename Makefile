@@ -25,14 +25,17 @@ demo: install
 # Two pytest workers (pytest-xdist): much of a test's time is single-threaded (imports, tokenizing, MLflow's
 # store, subprocess starts), so two interleave well on 2 cores. A file runs on one worker (--dist loadfile),
 # so module fixtures are built once; tests/conftest.py hands out the heaviest files first.
+# One torch thread per worker (OMP_NUM_THREADS=1, inherited by the tests' subprocesses): two workers with two
+# threads each on 2 cores oversubscribe them, and torch's spinning threads then run several times slower.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not gpu and not learning" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not gpu and not learning" tests
 
 # The two real-model accuracy checks (MiniLM on 4,000 real SST-2 rows; MiniLM's first two layers on generated
-# SQuAD v2): about 6 minutes together on 2 cores. CI runs them after `make test`.
+# SQuAD v2): about 7 minutes together on 2 cores, one after the other (each uses both cores). CI runs them
+# after `make test`.
 test-learning: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=5 -m learning tests
+	$(PY) -m pytest -q --durations=5 -m learning tests
 
 ui:
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
