@@ -162,7 +162,8 @@ def make_callback(samples_per_step: int, device: str):
         """Streams running loss, lr and per-epoch eval metrics to the active run (UI curves while training),
         and times the steps after a warm-up: Trainer's own samples/s includes torch.compile's first graphs."""
 
-        warm_step, warm_time, steady, first_step_at = 0, 0.0, None, None
+        warm_step, warm_time, steady, first_step_at, start_step = 0, 0.0, None, None, 0
+        per_step = samples_per_step  # features per optimizer step (packed runs: the packs' average)
 
         def on_step_begin(self, args, state, control, **kw):
             if self.first_step_at is None:
@@ -170,6 +171,7 @@ def make_callback(samples_per_step: int, device: str):
 
         def on_train_begin(self, args, state, control, **kw):
             # counted from the first step of this session: a resumed run starts past step 0
+            self.start_step = state.global_step
             self.warm_step = state.global_step + max(1, min(20, (state.max_steps - state.global_step) // 5))
 
         def on_step_end(self, args, state, control, **kw):
@@ -329,6 +331,15 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         shutil.rmtree(work, ignore_errors=True)
 
 
+def train_samples_per_s(trainer, result, progress) -> float:
+    """Trainer's samples/s counts batch_size rows per step; a packed step holds a varying number of features
+    (packs of max_tokens), so packed runs count this session's steps times the packs' average features."""
+    runtime = result.metrics["train_runtime"]
+    if getattr(trainer, "hpml_sampler", None) is None or not runtime:
+        return result.metrics["train_samples_per_second"]
+    return (trainer.state.global_step - progress.start_step) * progress.per_step / runtime
+
+
 _STARTED: list[float] = []  # when the first training of this process began: its process's start time
 
 
@@ -373,7 +384,7 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started:
     metrics = {tracking.M_TRAIN_LOSS: train_loss,
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
                tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
-               tracking.M_TRAIN_SPS: result.metrics["train_samples_per_second"],
+               tracking.M_TRAIN_SPS: train_samples_per_s(trainer, result, progress),
                **launch.max_over_ranks(memory.peak_train(device))}  # per-GPU peak: the max over ranks
     if progress.first_step_at is not None:  # None: resumed at the last step, nothing left to train
         metrics[tracking.M_STARTUP] = progress.first_step_at - started
