@@ -43,17 +43,7 @@ def read_tsv(path: str) -> dict[str, list]:
 
 def load_mnli(data_dir: Optional[str], split: str, max_samples: int = 0, revision: Optional[str] = None):
     """First `max_samples` rows (0 = all) of a split, from data_dir or the hub's nyu-mll/glue mnli."""
-    import datasets
+    from hpml.data.glue import load_split
 
-    if data_dir:
-        ds = datasets.Dataset.from_dict(read_tsv(os.path.join(data_dir, FILES[split])))
-    else:
-        try:
-            ds = datasets.load_dataset("nyu-mll/glue", "mnli", split=HUB_SPLITS[split], revision=revision)
-            ds = ds.select_columns(["premise", "hypothesis", "label"])
-        except Exception as exc:
-            raise HpmlError(f"cannot load GLUE mnli from the hub ({type(exc).__name__}): pass data_dir with "
-                            "GLUE-format train.tsv/dev_matched.tsv") from None
-    if max_samples and max_samples < len(ds):
-        ds = ds.select(range(max_samples))
-    return ds
+    return load_split("mnli", read_tsv, data_dir, FILES[split], HUB_SPLITS[split], ("premise", "hypothesis", "label"),
+                      "train.tsv/dev_matched.tsv", max_samples, revision)

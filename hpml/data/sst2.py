@@ -39,16 +39,7 @@ def read_tsv(path: str) -> dict[str, list]:
 def load_sst2(data_dir: Optional[str], split: str, max_samples: int = 0, revision: Optional[str] = None):
     """First `max_samples` rows (0 = all) of a split, from data_dir or the hub's nyu-mll/glue sst2 (at
     `revision`, a commit, when given)."""
-    import datasets
+    from hpml.data.glue import load_split
 
-    if data_dir:
-        ds = datasets.Dataset.from_dict(read_tsv(os.path.join(data_dir, FILES[split])))
-    else:
-        try:
-            ds = datasets.load_dataset("nyu-mll/glue", "sst2", split=split, revision=revision).select_columns(HEADER)
-        except Exception as exc:
-            raise HpmlError(f"cannot load GLUE sst2 from the hub ({type(exc).__name__}): pass data_dir with "
-                            "GLUE-format train.tsv/dev.tsv") from None
-    if max_samples and max_samples < len(ds):
-        ds = ds.select(range(max_samples))
-    return ds
+    return load_split("sst2", read_tsv, data_dir, FILES[split], split, HEADER, "train.tsv/dev.tsv", max_samples,
+                      revision)
