@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -45,6 +45,7 @@ class BenchConfig:
     eval_max_tokens: int = 32768
     seed: int = 0
     profile_steps: int = 0  # >0: torch.profiler over that many steady steps per row (GPU busy share)
+    cudagraphs: bool = False  # compiled padded variants also run as <id>+cg with mode reduce-overhead
     out: str = ""  # folder for results.json and profiles; empty = none
     log: bool = True
     experiment: str = "hpml-bench"
@@ -319,9 +320,23 @@ def _stop_profiler(handle, device, n, out_file, label="") -> float:
     return 100.0 * kernel_us / 1e6 / wall
 
 
+CG = "+cg"  # label suffix of a row compiled with CUDA graphs by --cudagraphs
+
+
+def with_cudagraphs(v: Variant) -> Variant:
+    """The variant compiled in mode reduce-overhead (CUDA graphs): one graph replay per step and shape."""
+    return replace(v, compile=replace(v.compile, mode="reduce-overhead"))
+
+
+def cudagraph_twin(v: Variant) -> bool:
+    """Whether --cudagraphs adds a row for v: compiled with inductor, padded, not already in CUDA graphs."""
+    return (v.compile.enabled and v.compile.backend == "inductor" and v.compile.mode == "default"
+            and v.batching.padding != "packed")
+
+
 def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, feats, eval_feats, device: str,
-                peak: float) -> Row:
-    label = f"{v.id}@{budget}" if v.batching.padding == "packed" else v.id
+                peak: float, suffix: str = "") -> Row:
+    label = (f"{v.id}@{budget}" if v.batching.padding == "packed" else v.id) + suffix
     row = Row(label, v.id, v.knobs() + (f", {budget} tokens/step" if v.batching.padding == "packed" else ""))
     _free(device)
     torch._dynamo.reset()
@@ -364,6 +379,8 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
             seen.setdefault(tuple(b[0]["input_ids"].shape), b[0])
         for b in seen.values():
             step(b)
+            if v.compile.mode == "reduce-overhead":
+                step(b)  # CUDA graph trees record a shape on its second call
     for _ in range(cfg.warmup_steps):
         step(next(it)[0])
     _sync(device)
@@ -470,6 +487,10 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> list[Row
     for v in variants:
         for budget in (budgets if v.batching.padding == "packed" else [0]):
             rows.append(run_variant(v, budget, cfg, config, init_state, feats, eval_feats, device, peak))
+            echo(format_rows(rows[-1:], header=False))
+        if cfg.cudagraphs and cudagraph_twin(v):
+            rows.append(run_variant(with_cudagraphs(v), 0, cfg, config, init_state, feats, eval_feats, device, peak,
+                                    suffix=CG))
             echo(format_rows(rows[-1:], header=False))
     for r in rows:
         r.ratio = r.features_per_s / rows[0].features_per_s

@@ -276,7 +276,8 @@ def bench(**kw):
 
     if kw["purpose"] not in ("demo", "test", "real"):
         raise HpmlError(f"purpose must be one of demo, test, real, got {kw['purpose']!r}")
-    run_bench(BenchConfig(**{**kw, "log": parse_bool("log", kw["log"])}), echo=click.echo)
+    run_bench(BenchConfig(**{**kw, "log": parse_bool("log", kw["log"]),
+                             "cudagraphs": parse_bool("cudagraphs", kw["cudagraphs"])}), echo=click.echo)
 
 
 @main.command("score")

@@ -88,6 +88,8 @@ BENCH_PARAMS: list[Param] = [
     Param("eval_max_tokens", "int", 32768, "tokens per packed eval batch"),
     Param("seed", "int", 0, "seed of the features, the initialisation and the batch order"),
     Param("profile_steps", "int", 0, "profile this many steady steps per row (GPU busy share, top kernels)"),
+    Param("cudagraphs", "string", "false", "true: each compiled padded variant also gets a row <id>+cg compiled "
+          "with CUDA graphs (mode reduce-overhead), to show its kernels without the host's launch cost"),
     Param("out", "string", "", "folder for results.json and profiles; empty = none"),
     Param("log", "string", "true", "log a bench run with one child run per row to MLflow (true|false)"),
     Param("experiment", "string", "hpml-bench", "MLflow experiment for direct hpml commands"),

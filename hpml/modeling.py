@@ -252,6 +252,9 @@ def trainer_arguments(variant: Variant, precision: str, device: str = "cpu") -> 
         fp16=precision == "fp16",  # a 4-bit base ("nf4-…") computes in its own dtype: no autocast on top
         torch_compile=variant.compile.enabled,
         torch_compile_backend=variant.compile.backend if variant.compile.enabled else None,
+        # "reduce-overhead" = CUDA graphs (p2); the Trainer's own default mode otherwise
+        torch_compile_mode=variant.compile.mode if variant.compile.enabled and variant.compile.mode != "default"
+        else None,
         # fused AdamW: one kernel per step instead of a loop over parameter tensors (CUDA only here)
         optim="adamw_bnb_8bit" if opt.name == "adamw_8bit" else
               "adamw_torch_fused" if device == "cuda" else "adamw_torch",

@@ -19,7 +19,7 @@ class Attention:
 class Compile:
     enabled: bool = False
     backend: Literal["inductor", "aot_eager"] = "inductor"
-    # "reduce-overhead": inductor replays each step as CUDA graphs (static shapes only): one launch
+    # "reduce-overhead": inductor replays each step as CUDA graphs, one graph per batch shape: one launch
     # instead of ~1,000 per step, so the host no longer paces the GPU.
     mode: Literal["default", "reduce-overhead"] = "default"
 
@@ -110,9 +110,10 @@ class Variant:
         if t.mode == "freeze_lower" and self.memory.gradient_checkpointing and self.memory.reentrant:
             problems.append("freeze_lower with reentrant gradient checkpointing trains nothing above the frozen "
                             "layers (their outputs carry no grad); use reentrant=False")
-        if self.compile.mode != "default" and (self.batching.padding != "packed" and self.batching.padding !=
-                                               "max_length" or not self.compile.enabled):
-            problems.append("CUDA graphs need compile and one static shape (packed or max_length batches)")
+        if self.compile.mode != "default" and (not self.compile.enabled or self.compile.backend != "inductor"):
+            # shapes: packed and max_length batches have one; pad-to-longest at most
+            # max_length / pad_to_multiple_of, each recorded as a graph of its own
+            problems.append("CUDA graphs (mode reduce-overhead) need compile with the inductor backend")
         if self.batching.group_by_length and self.batching.padding != "longest":
             problems.append("length bucketing only helps when batches are padded to their longest row")
         if self.batching.padding == "packed" and (self.task != "squad" or self.attention.impl != "sdpa"):

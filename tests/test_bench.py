@@ -59,3 +59,25 @@ def test_speed_table_shows_the_newest_bench_run_rows_in_order():
     assert list(table.frame["× reference"]) == ["1.00", "4.95", "6.54"]
     assert table.frame["features/s"].iloc[-1] == "2616"
     assert table_speed(df, {"purpose": "test"}) is None and table_speed(df[df["tags.task"] == "squad"]) is None
+
+
+def test_cudagraphs_rows_twin_only_compiled_padded_variants_in_mode_reduce_overhead():
+    from hpml.bench import cudagraph_twin, with_cudagraphs
+    from hpml.variants import get_variant, variants_for
+
+    twins = sorted(v.id for v in variants_for("squad") if cudagraph_twin(v))
+    # compiled with inductor, padded, not already in CUDA graphs: not a1/a2 (eager), d1 (aot_eager), p1/p2 (packed)
+    assert {"a3", "a4-nb", "a4-b", "b3"} <= set(twins) and not {"a1", "a2", "d1", "p1", "p2"} & set(twins)
+    cg = with_cudagraphs(get_variant("a4-b", "squad"))
+    assert (cg.compile.mode, cg.batching.group_by_length, cg.batching.pad_to_multiple_of) == ("reduce-overhead", True, 64)
+    assert "cudagraphs" in cg.knobs() and "bucketed" in cg.knobs()
+
+
+def test_bench_cudagraphs_adds_no_row_for_uncompiled_or_packed_variants(tracking_uri):
+    out = CliRunner().invoke(main, ["bench", "--variants", "a2,p0", "--max-tokens", "512", "--cudagraphs", "true",
+                                    "--log", "false", *TINY])
+    assert out.exit_code == 0, out.output
+    final = [line.split("|")[1].strip() for line in out.output.splitlines() if line.startswith("| ")][-3:]
+    assert final == ["reference", "a2", "p0@512"]
+    bad = CliRunner().invoke(main, ["bench", "--variants", "a2", "--cudagraphs", "maybe", *TINY])
+    assert bad.exit_code != 0 and bad.output.strip().splitlines()[-1].startswith("hpml: error: cudagraphs")

@@ -27,6 +27,16 @@ def test_precision_tags_say_what_runs():
     assert not args["fp16"] and not args["bf16"]
 
 
+def test_compile_mode_reaches_the_trainer():
+    import transformers
+
+    # p2's CUDA graphs are torch.compile mode reduce-overhead: the Trainer compiles in that mode
+    p2 = modeling.trainer_arguments(get_variant("p2", "squad"), "bf16", "cuda")
+    assert (p2["torch_compile"], p2["torch_compile_mode"], p2["optim"]) == (True, "reduce-overhead", "adamw_torch_fused")
+    assert modeling.trainer_arguments(get_variant("p1", "squad"), "bf16", "cuda")["torch_compile_mode"] is None
+    assert transformers.TrainingArguments("/tmp/x", **p2, use_cpu=True).torch_compile_mode == "reduce-overhead"
+
+
 def tiny_encoder(kind: str):
     import transformers
 
