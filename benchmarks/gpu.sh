@@ -10,7 +10,9 @@
 #           mkdir -p .gpu-data/sst2 && cp ../shared/data/sst2/*.tsv .gpu-data/sst2/
 #   there:  bash benchmarks/gpu.sh setup            (carry .whl .gpu-tok; installs into /tmp/hpml-site)
 #           bash benchmarks/gpu.sh sst2             (carry .gpu-minilm .gpu-data)
-#           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2)
+#           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2;
+#                                                    SQUAD_STEPS, MAX_TOKENS for p* variants, RUN_LIMIT_S)
+#           bash benchmarks/gpu.sh trainpath        (their speed as a table; REFERENCE=bench results.json)
 #           bash benchmarks/gpu.sh vram             (the study's probe: A3, C1, C2, C2-8, SST-2 fp32/qlora)
 #           bash benchmarks/gpu.sh qlora-load       (reload the registered QLoRA adapter on its 4-bit base)
 #           bash benchmarks/gpu.sh learnability     (carry .gpu-tok .gpu-minilm .gpu-data; no setup needed)
@@ -18,7 +20,7 @@
 # Every run lands in one SQLite store, .gpu-bench/mlflow.db in the repository (git-ignored): carry it to keep
 # adding to it across machines; each stage copies it to $OUT so it comes back.
 set -euo pipefail
-stage="${1:?stage: setup | sst2 | squad [variants…] | vram | qlora-load | learnability}"; shift || true
+stage="${1:?stage: setup | sst2 | squad [variants…] | trainpath | vram | qlora-load | learnability}"; shift || true
 BENCH_DIR="${BENCH_DIR:-/tmp/hpml-bench}"
 OUT="${OUT:-$BENCH_DIR/out}"
 mkdir -p "$BENCH_DIR" "$OUT"
@@ -50,9 +52,10 @@ squad)
   steps="${SQUAD_STEPS:-200}"
   for v in "${@:-a1 a2 a3 a4-nb a4-b b1 b2 b3 c1 c2-8 c2 d1}"; do
     for one in $v; do
-      hpml train-squad --variant "$one" --model random:bert-base --data-dir "$BENCH_DIR/squad" \
-        --max-steps "$steps" --batch-size 32 --eval-batch-size 64 --max-eval-samples 600 --register false \
-        --purpose real || echo "FAILED squad $one"
+      packed=(); case "$one" in p*) packed=(--max-tokens "${MAX_TOKENS:-6000}");; esac
+      timeout -s INT "${RUN_LIMIT_S:-300}" python3 -m hpml.cli train-squad --variant "$one" --model random:bert-base \
+        --data-dir "$BENCH_DIR/squad" --max-steps "$steps" --batch-size 32 --eval-batch-size 64 \
+        --max-eval-samples 600 --register false --purpose real "${packed[@]}" || echo "FAILED squad $one"
     done
   done
   ;;
@@ -72,6 +75,10 @@ learnability)
     --recipe 1e-4,16,0,0 --recipe 2e-4,32,0.1,0 > "$OUT/sst2_seeds.jsonl" &
   wait
   cat "$OUT"/learn_*.jsonl "$OUT/sst2_seeds.jsonl"
+  ;;
+trainpath)
+  # hpml's own training path as `squad` left it in the store; REFERENCE=<bench results.json> adds ratios
+  python3 benchmarks/trainpath_table.py ${REFERENCE:+--reference "$REFERENCE"} | tee "$OUT/trainpath.md"
   ;;
 qlora-load)
   # needs the sst2 stage's registered models (their artifacts stay under ./mlruns on that machine)
