@@ -147,6 +147,11 @@ def training_arguments(cfg: TrainConfig, variant: Variant, built: modeling.Built
         # collation in two worker processes on a GPU (pinned memory, Trainer's default): off the step's path
         dataloader_num_workers=2 if device == "cuda" else 0,
         dataloader_persistent_workers=device == "cuda",
+        # No host sync inside a step. The Trainer's NaN/Inf loss filter reads each step's loss on the host
+        # (a sync per step; a NaN loss now shows as NaN in the logged loss instead of being smoothed over),
+        # and a blocking copy of the batch to the GPU waits for the previous step's kernels.
+        logging_nan_inf_filter=False,
+        **({"accelerator_config": {"non_blocking": True}} if device == "cuda" else {}),
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world > 1 else None,
         # Frozen weights (BitFit, freezing, LoRA) have requires_grad=False and are not DDP's concern; the
         # default (True) would walk the autograd graph every step looking for unused ones.
@@ -214,6 +219,14 @@ def trainer_class():
 
         def _get_eval_sampler(self, eval_dataset):
             return SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
+        def _prepare_input(self, data):
+            # Batches come from pinned memory (workers + pin_memory): copy them without blocking the host, so
+            # the next step's launches overlap this one's kernels (the Trainer's own copy is blocking: a sync
+            # per step, since it waits for every kernel queued before it).
+            if isinstance(data, torch.Tensor) and data.device.type == "cpu" and self.args.device.type == "cuda":
+                return data.to(self.args.device, non_blocking=True)
+            return super()._prepare_input(data)
 
     return HpmlTrainer
 

@@ -107,6 +107,43 @@ def test_gpu_only_variants_train_on_cuda(variant, squad_dir, tracking_uri):
     assert summary["metrics"][tracking.M_PEAK_TRAIN_ALLOC] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["a3", "p2"])
+def test_steady_training_steps_never_wait_for_the_gpu(variant, squad_dir, tracking_uri, monkeypatch):
+    """hpml's own Trainer path: no host sync inside steps 5-8 (after compile and CUDA-graph recording), so the
+    host queues the next step while the GPU runs this one. The Trainer's NaN/Inf loss filter and its blocking
+    copy of each batch were one sync each per step. (a2 keeps one: uncompiled transformers BERT checks on the
+    host whether the SDPA padding mask can be dropped; compiled, that check is traced away.)"""
+    import warnings
+
+    from transformers import TrainerCallback
+
+    from hpml import training
+
+    class SyncWatch(TrainerCallback):
+        caught, first, last, ctx = None, 4, 8, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == self.first:
+                self.ctx = warnings.catch_warnings(record=True)
+                self.caught = self.ctx.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == self.last:
+                torch.cuda.set_sync_debug_mode("default")
+                self.ctx.__exit__(None, None, None)
+
+    watch = SyncWatch()
+    monkeypatch.setattr(training.signals, "stop_callback", lambda: watch)
+    run_training(tiny_cfg(variant, squad_dir, max_steps=10, max_eval_samples=12, register=False,
+                          **({"max_tokens": 1024} if variant == "p2" else {})))
+    assert watch.caught is not None, "the watched steps never ran"
+    syncs = [str(w.message) for w in watch.caught if "synchroniz" in str(w.message)]
+    assert syncs == [], syncs[:3]
+
+
 def minilm_slice(out_dir, layers: int) -> str:
     """The first `layers` transformer layers of all-MiniLM-L6-v2 (pretrained), saved as a checkpoint folder."""
     from transformers import AutoModel, AutoTokenizer
