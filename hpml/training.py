@@ -220,6 +220,16 @@ def trainer_class():
         def _get_eval_sampler(self, eval_dataset):
             return SequentialSampler(eval_dataset) if eval_dataset is not None else None
 
+        def floating_point_ops(self, inputs):
+            # The Trainer's total_flos, counted as it counts them (6 x tokens x non-embedding weights), with the
+            # weight count taken once: its own walks every module of the model at every step.
+            ids = inputs.get(getattr(self.model, "main_input_name", "input_ids")) if isinstance(inputs, dict) else None
+            if ids is None or not hasattr(self.model, "num_parameters"):
+                return 0
+            if getattr(self, "_hpml_flop_weights", None) is None:
+                self._hpml_flop_weights = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * ids.numel() * self._hpml_flop_weights
+
         def _prepare_input(self, data):
             # Batches come from pinned memory (workers + pin_memory): copy them without blocking the host, so
             # the next step's launches overlap this one's kernels (the Trainer's own copy is blocking: a sync

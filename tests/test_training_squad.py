@@ -283,3 +283,16 @@ def test_malformed_squad_file_ends_in_one_line(tmp_path, tracking_uri, squad_dir
     assert out.returncode == 1
     assert "train-v2.0.json" in last_line(out.stderr) and "Traceback" not in out.stderr
     assert MlflowClient(tracking_uri).search_registered_models() == []
+
+
+def test_trainer_counts_flops_as_transformers_does_without_walking_the_model_each_step(squad_dir, tmp_path,
+                                                                                        monkeypatch):
+    from transformers import Trainer
+
+    _, _, trainer = prepared("a2", squad_dir, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    expected = Trainer.floating_point_ops(trainer, batch)  # 6 x tokens x non-embedding weights
+    assert expected > 0 and trainer.floating_point_ops(batch) == expected
+    walks = []
+    monkeypatch.setattr(type(trainer.model), "num_parameters", lambda self, **kw: walks.append(kw) or 1)
+    assert trainer.floating_point_ops(batch) == expected and walks == []  # the weight count was taken once
