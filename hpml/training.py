@@ -223,9 +223,11 @@ def trainer_class():
         def floating_point_ops(self, inputs):
             # The Trainer's total_flos, counted as it counts them (6 x tokens x non-embedding weights), with the
             # weight count taken once: its own walks every module of the model at every step.
-            ids = inputs.get(getattr(self.model, "main_input_name", "input_ids")) if isinstance(inputs, dict) else None
-            if ids is None or not hasattr(self.model, "num_parameters"):
-                return 0
+            from collections.abc import Mapping
+
+            ids = inputs.get(getattr(self.model, "main_input_name", "input_ids")) if isinstance(inputs, Mapping) else None
+            if not torch.is_tensor(ids) or not hasattr(self.model, "num_parameters"):
+                return super().floating_point_ops(inputs)
             if getattr(self, "_hpml_flop_weights", None) is None:
                 self._hpml_flop_weights = self.model.num_parameters(exclude_embeddings=True)
             return 6 * ids.numel() * self._hpml_flop_weights
