@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Optional
 
 from hpml.config import TrainConfig
@@ -65,7 +66,9 @@ def remove(folder: str) -> None:
 class LossTracking:
     """Trainer mixin: sums the per-step training loss on the device (no host sync per step), writes the sum
     into each checkpoint and restores it on resume. `train_loss` = sum / steps either way, so an
-    interrupted-and-resumed run reports the same number as an uninterrupted one."""
+    interrupted-and-resumed run reports the same number as an uninterrupted one. The training time so far
+    travels the same way, so a resumed run's `train_runtime_s` counts its earlier sessions (each up to its
+    last checkpoint: steps after it were lost and trained again)."""
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
@@ -83,17 +86,27 @@ class LossTracking:
             # mid-write must not leave it empty (resume would then fail to parse it).
             tmp = os.path.join(folder, LOSS_FILE + ".tmp")
             with open(tmp, "w") as f:
-                json.dump({"loss_sum": self.loss_sum(), "step": self.state.global_step}, f)
+                json.dump({"loss_sum": self.loss_sum(), "step": self.state.global_step,
+                           "train_s": self.train_seconds()}, f)
             os.replace(tmp, os.path.join(folder, LOSS_FILE))
 
     def start_from(self, checkpoint: Optional[str]) -> None:
         import torch
 
-        self._hpml_loss_sum = None
+        self._hpml_loss_sum, self._hpml_prior_train_s = None, 0.0
         if checkpoint and os.path.isfile(os.path.join(checkpoint, LOSS_FILE)):
             with open(os.path.join(checkpoint, LOSS_FILE)) as f:
-                self._hpml_loss_sum = torch.tensor(json.load(f)["loss_sum"], dtype=torch.float32,
-                                                   device=self.args.device)
+                saved = json.load(f)
+            self._hpml_loss_sum = torch.tensor(saved["loss_sum"], dtype=torch.float32, device=self.args.device)
+            self._hpml_prior_train_s = float(saved.get("train_s", 0.0))  # absent in older checkpoints
+        self._hpml_session_start = time.perf_counter()
+
+    def train_seconds(self, session_s: Optional[float] = None) -> float:
+        """Training time over every session: the earlier ones' (from the checkpoint) plus this one's, given
+        (the Trainer's train_runtime at the end) or measured from start_from until now."""
+        if session_s is None:
+            session_s = time.perf_counter() - getattr(self, "_hpml_session_start", time.perf_counter())
+        return getattr(self, "_hpml_prior_train_s", 0.0) + session_s
 
     def loss_sum(self) -> float:
         s = getattr(self, "_hpml_loss_sum", None)

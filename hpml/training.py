@@ -408,7 +408,9 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started:
                   else result.training_loss)
     metrics = {tracking.M_TRAIN_LOSS: train_loss,
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
-               tracking.M_TRAIN_RUNTIME: result.metrics["train_runtime"],
+               # every session's training time (a resumed run's earlier sessions up to their last checkpoint)
+               tracking.M_TRAIN_RUNTIME: (trainer.train_seconds(result.metrics["train_runtime"]) if resumable
+                                          else result.metrics["train_runtime"]),
                tracking.M_TRAIN_SPS: train_samples_per_s(trainer, result, progress),
                **launch.max_over_ranks(memory.peak_train(device))}  # per-GPU peak: the max over ranks
     if progress.first_step_at is not None:  # None: resumed at the last step, nothing left to train

@@ -1,5 +1,6 @@
 """Checkpoints and resume: a run killed with SIGKILL after a checkpoint, resumed, ends like an uninterrupted one."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,14 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(sst2_dir, t
     assert marked.exit_code == 0 and "marked KILLED" in marked.output
     assert client.get_run(run_id).info.status == "KILLED"
 
+    # The first session's training time travels in the checkpoint. Say it was long: the resumed run's
+    # train_runtime_s must count it (it used to cover the resumed session only).
+    [loss_file] = sorted(glob.glob(str(tmp_path / "hpml-checkpoints" / run_id / "checkpoint-*" / "hpml_loss.json")),
+                         key=lambda p: int(p.split("checkpoint-")[1].split(os.sep)[0]))[-1:]
+    saved = json.load(open(loss_file))
+    assert saved["train_s"] > 0, saved
+    json.dump({**saved, "train_s": 1000.0}, open(loss_file, "w"))
+
     result = CliRunner().invoke(cli.main, ["resume", "latest"])
     assert result.exit_code == 0, result.output
     after = client.get_run(run_id)
@@ -64,6 +73,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(sst2_dir, t
     # agrees to float32 rounding of the summed loss (observed: bit-identical); 1e-6 is that rounding's bound.
     for key in (tracking.M_ACCURACY, tracking.M_TRAIN_LOSS):
         assert abs(m[key] - reference[key]) <= 1e-6, (key, m[key], reference[key])
+    assert 1000.0 < m[tracking.M_TRAIN_RUNTIME] < 1000.0 + 120, m[tracking.M_TRAIN_RUNTIME]
     # the loss curve continues past the resume point, at the right steps
     steps = {h.step for h in client.get_metric_history(run_id, "train_loss_running")}
     assert max(steps) == STEPS
