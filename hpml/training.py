@@ -188,7 +188,7 @@ def make_callback(samples_per_step: int, device: str):
                     self.warm_time = now
                 elif state.max_steps > self.warm_step:
                     steps = state.max_steps - self.warm_step
-                    self.steady = steps * samples_per_step / (now - self.warm_time)
+                    self.steady = steps * self.per_step / (now - self.warm_time)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero:

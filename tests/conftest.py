@@ -75,7 +75,7 @@ def empty_tracking_uri(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch, migrated_store) -> str:
+def tracking_uri(empty_tracking_uri, tmp_path, migrated_store) -> str:
     """A fresh SQLite store for one test, exported so subprocesses (hpml, mlflow run) use it too."""
     db = tmp_path / "mlflow.db"
     shutil.copyfile(migrated_store / "mlflow.db", db)
@@ -83,10 +83,18 @@ def tracking_uri(tmp_path, monkeypatch, migrated_store) -> str:
         con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                     (str(tmp_path / "mlruns" / "0"),))
     con.close()
-    uri = f"sqlite:///{db}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    return uri
+    return empty_tracking_uri
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bert-base-uncased vocabulary random models use: HPML_TOKENIZER, else MiniLM's copy (the GPU
+    machine has only the former)."""
+    import transformers
+
+    from hpml.modeling import tokenizer_source
+
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_source("random:tiny"))
 
 
 @pytest.fixture(scope="session")

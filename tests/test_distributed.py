@@ -14,7 +14,6 @@ from mlflow import MlflowClient
 from conftest import BIN, LEAKY_ENV, last_line, minilm_or_skip, mlflow_run, run_cmd, with_venv_path
 
 
-
 @pytest.fixture(scope="module")
 def no_dropout_model(tmp_path_factory):
     """A random 2-layer BERT with dropout off, so two ranks (each with its own dropout RNG) and one process

@@ -11,7 +11,6 @@ from hpml.data.batching import Collator
 from hpml.variants import get_variant
 
 
-
 @pytest.fixture(scope="module")
 def tiny_qa(squad_dir, tmp_path_factory):
     """A random tiny BERT (dropout off, fp32) and real hpml SQuAD features of the generated data."""

@@ -1,4 +1,5 @@
-"""train_squad: every CPU variant through `mlflow run`, learning on generated data, bucketing done right."""
+"""train_squad: the entry point through `mlflow run`, every CPU variant through the CLI, learning on generated
+data, bucketing done right, no host sync inside a step."""
 import collections
 import json
 

@@ -25,14 +25,6 @@ MAX_LENGTH, STRIDE = 384, 128
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from hpml.modeling import tokenizer_source
-
-    # the bert-base-uncased vocabulary random models use: HPML_TOKENIZER, else MiniLM's copy
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_source("random:tiny"))
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("squad")
     write_squad(str(out), n_train=400, n_dev=150, seed=3)

@@ -5,18 +5,9 @@ import os
 
 import numpy as np
 import pytest
-import transformers
 
 from hpml.data.squad import load_squad_json
 from hpml.data.synthetic import make_squad, make_sst2, write_squad, write_sst2
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from hpml.modeling import tokenizer_source
-
-    # the bert-base-uncased vocabulary: HPML_TOKENIZER, else MiniLM's copy (the GPU machine has only the former)
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_source("random:tiny"))
 
 
 def _qas(doc):
