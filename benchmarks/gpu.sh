@@ -11,7 +11,9 @@
 #   there:  bash benchmarks/gpu.sh setup            (carry .whl .gpu-tok; installs into /tmp/hpml-site)
 #           bash benchmarks/gpu.sh sst2             (carry .gpu-minilm .gpu-data)
 #           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2;
-#                                                    SQUAD_STEPS, MAX_TOKENS for p* variants, RUN_LIMIT_S)
+#                                                    SQUAD_STEPS, MAX_TOKENS for p* variants, RUN_LIMIT_S;
+#                                                    PYSPY=1: py-spy samples each run into $OUT/pyspy-<v>.txt.gz)
+#           bash benchmarks/gpu.sh startup [variant] (process start to first step, features cached; 3 runs)
 #           bash benchmarks/gpu.sh trainpath        (their speed as a table; REFERENCE=bench results.json)
 #           bash benchmarks/gpu.sh vram             (the study's probe: A3, C1, C2, C2-8, SST-2 fp32/qlora)
 #           bash benchmarks/gpu.sh qlora-load       (reload the registered QLoRA adapter on its 4-bit base)
@@ -20,10 +22,13 @@
 # Every run lands in one SQLite store, .gpu-bench/mlflow.db in the repository (git-ignored): carry it to keep
 # adding to it across machines; each stage copies it to $OUT so it comes back.
 set -euo pipefail
-stage="${1:?stage: setup | sst2 | squad [variants…] | trainpath | vram | qlora-load | learnability}"; shift || true
+stage="${1:?stage: setup | sst2 | squad [variants…] | startup | trainpath | vram | qlora-load | learnability}"; shift || true
 BENCH_DIR="${BENCH_DIR:-/tmp/hpml-bench}"
 OUT="${OUT:-$BENCH_DIR/out}"
 mkdir -p "$BENCH_DIR" "$OUT"
+# The device image sets PYTHONDONTWRITEBYTECODE=1: every process then compiles ~3,800 modules from source
+# (~14 s before the first step). Let Python keep bytecode, outside site-packages (the image's may be read-only).
+unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=/tmp/hpml-pyc
 export PYTHONPATH="/tmp/hpml-site:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 mkdir -p .gpu-bench
 export MLFLOW_TRACKING_URI="sqlite:///$PWD/.gpu-bench/mlflow.db" TORCHINDUCTOR_CACHE_DIR="$BENCH_DIR/inductor"
@@ -32,7 +37,9 @@ hpml() { python3 -m hpml.cli "$@"; }
 
 case "$stage" in
 setup)
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hpml-site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/hpml-site .whl/*.whl
+  # every later start imports from bytecode (see PYTHONPYCACHEPREFIX above): written by this first import
+  python3 -c "import hpml.training, hpml.tracking, mlflow.tracking, transformers.trainer, peft; print('bytecode in', __import__('sys').pycache_prefix)"
   rm -rf /tmp/hpml-tok && cp -r .gpu-tok /tmp/hpml-tok
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, tokenizers, peft, mlflow, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'peft', peft.__version__, 'mlflow', mlflow.__version__, 'bnb', bitsandbytes.__version__)"
@@ -53,9 +60,11 @@ squad)
   for v in "${@:-a1 a2 a3 a4-nb a4-b b1 b2 b3 c1 c2-8 c2 d1}"; do
     for one in $v; do
       packed=(); case "$one" in p*) packed=(--max-tokens "${MAX_TOKENS:-6000}");; esac
-      timeout -s INT "${RUN_LIMIT_S:-300}" python3 -m hpml.cli train-squad --variant "$one" --model random:bert-base \
+      spy=(); [ -n "${PYSPY:-}" ] && spy=(/tmp/hpml-site/bin/py-spy record -r 200 --format raw -o "$BENCH_DIR/pyspy-$one.txt" --)
+      timeout -s INT "${RUN_LIMIT_S:-300}" "${spy[@]}" python3 -m hpml.cli train-squad --variant "$one" --model random:bert-base \
         --data-dir "$BENCH_DIR/squad" --max-steps "$steps" --batch-size 32 --eval-batch-size 64 \
         --max-eval-samples 600 --register false --purpose real "${packed[@]}" || echo "FAILED squad $one"
+      [ -z "${PYSPY:-}" ] || gzip -c "$BENCH_DIR/pyspy-$one.txt" > "$OUT/pyspy-$one.txt.gz"
     done
   done
   ;;
@@ -75,6 +84,15 @@ learnability)
     --recipe 1e-4,16,0,0 --recipe 2e-4,32,0.1,0 > "$OUT/sst2_seeds.jsonl" &
   wait
   cat "$OUT"/learn_*.jsonl "$OUT/sst2_seeds.jsonl"
+  ;;
+startup)
+  # process start to first training step with cached features: one run fills the cache, then three more
+  [ -f "$BENCH_DIR/squad/train-v2.0.json" ] || hpml make-data squad --out "$BENCH_DIR/squad" --train 6000 --dev 600
+  for i in 0 1 2 3; do
+    /usr/bin/time -f "wall %e s" python3 -m hpml.cli train-squad --variant "${1:-a2}" --model random:bert-base \
+      --data-dir "$BENCH_DIR/squad" --max-steps 5 --batch-size 32 --max-eval-samples 64 --register false --purpose test
+  done
+  python3 benchmarks/trainpath_table.py | tee "$OUT/startup.md"
   ;;
 trainpath)
   # hpml's own training path as `squad` left it in the store; REFERENCE=<bench results.json> adds ratios

@@ -353,13 +353,14 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     batches = make_batches(v, feats, cfg, budget, total)
     dtype = torch.bfloat16 if device == "cuda" else None
     packed = v.batching.padding == "packed"
+    loss_fn = packing.qa_loss_function(v.compile.backend if v.compile.enabled else None) if packed else None
 
     def step(b):
         b = {k: (t.to(device, non_blocking=True) if torch.is_tensor(t) else t) for k, t in b.items()}
         with (torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()):
             if packed:
                 out = fwd(**packing.model_inputs(b))
-                loss = packing.packed_qa_loss(out.start_logits, out.end_logits, b)
+                loss = packing.packed_qa_loss(out.start_logits, out.end_logits, b, loss_fn)
             else:
                 loss = fwd(**b).loss
         loss.backward()

@@ -204,17 +204,31 @@ def segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n_segments: int) -> to
     return peak + torch.log(total.clamp_min(1e-30))
 
 
-def packed_qa_loss(start_logits, end_logits, batch: dict) -> torch.Tensor:
+def packed_qa_loss(start_logits, end_logits, batch: dict, loss_fn=None) -> torch.Tensor:
     """Mean over the pack's features of (CE(start) + CE(end)) / 2, each softmax over the feature's own tokens
-    (a padded batch's stock loss also spreads probability over its pad positions)."""
-    seg, real = batch["segment_ids"], batch["feature_mask"]
+    (a padded batch's stock loss also spreads probability over its pad positions). `loss_fn`: the same
+    computation compiled (qa_loss_function)."""
+    return (loss_fn or _qa_loss)(start_logits, end_logits, batch["segment_ids"], batch["feature_mask"],
+                                 batch["start_positions"], batch["end_positions"])
+
+
+def _qa_loss(start_logits, end_logits, seg, real, start_positions, end_positions) -> torch.Tensor:
     S = real.shape[0]
     losses = []
-    for logits, key in ((start_logits, "start_positions"), (end_logits, "end_positions")):
+    for logits, at in ((start_logits, start_positions), (end_logits, end_positions)):
         x = logits.reshape(-1)
-        nll = segment_logsumexp(x, seg, S) - x.float()[batch[key]]
+        nll = segment_logsumexp(x, seg, S) - x.float()[at]
         losses.append(torch.where(real, nll, torch.zeros_like(nll)))
     return (losses[0] + losses[1]).sum() / (2 * real.sum().clamp_min(1))
+
+
+def qa_loss_function(compile_backend: Optional[str] = None):
+    """The packed loss as compiled variants run it: one graph (static shapes: the pack's token budget and
+    segment slots never change), so its ~20 small ops and their Python are a few fused kernels per step.
+    Eager (None) otherwise."""
+    if not compile_backend:
+        return _qa_loss
+    return torch.compile(_qa_loss, backend=compile_backend, fullgraph=True, dynamic=False)
 
 
 def unpack_logits(logits: torch.Tensor, cu: torch.Tensor, n: int, width: int) -> np.ndarray:
@@ -284,6 +298,7 @@ def packed_trainer_class(base):
     class PackedTrainer(base):
         hpml_sampler: TokenBudgetBatchSampler = None
         hpml_workers: int = 0
+        hpml_loss_fn = None
 
         def get_train_dataloader(self):
             # Workers collate off the main thread; pinned memory lets the copy to the GPU overlap the step.
@@ -293,7 +308,10 @@ def packed_trainer_class(base):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = model(**model_inputs(inputs))
-            loss = packed_qa_loss(out.start_logits, out.end_logits, inputs)
+            if self.hpml_loss_fn is None:  # compiled with the model when the variant compiles
+                self.hpml_loss_fn = qa_loss_function((self.args.torch_compile_backend or "inductor")
+                                                     if self.args.torch_compile else None)
+            loss = packed_qa_loss(out.start_logits, out.end_logits, inputs, self.hpml_loss_fn)
             return (loss, out) if return_outputs else loss
 
     return PackedTrainer

@@ -45,6 +45,7 @@ M_TRAIN_LOSS = "train_loss"
 M_TRAIN_RUNTIME = "train_runtime_s"
 M_TRAIN_SPS = "train_samples_per_s"  # SQuAD: features (windows) per second; Trainer's, warm-up included
 M_TRAIN_STEADY_SPS = "train_steady_samples_per_s"  # after the first steps (compile, allocator warm-up)
+M_PAUSED = "train_checkpoint_eval_s"  # checkpoint saves and evaluations inside training (not in the steady rate)
 M_STARTUP = "startup_s"  # process start to the first training step's start (this session's, when resumed)
 M_EVAL_RUNTIME = "eval_runtime_s"
 M_EVAL_SPS = "eval_samples_per_s"

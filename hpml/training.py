@@ -168,7 +168,15 @@ def make_callback(samples_per_step: int, device: str):
         and times the steps after a warm-up: Trainer's own samples/s includes torch.compile's first graphs."""
 
         warm_step, warm_time, steady, first_step_at, start_step = 0, 0.0, None, None, 0
+        paused_s, steady_paused_s = 0.0, 0.0  # checkpoint saves and evaluations: all, and inside the timed steps
         per_step = samples_per_step  # features per optimizer step (packed runs: the packs' average)
+
+        def pause(self, seconds: float, step: int) -> None:
+            """Time the Trainer spent saving or evaluating after `step`: the steady rate leaves out what fell
+            between its two timing points (a save at an epoch's end in a 300-step run cost ~20% of it)."""
+            self.paused_s += seconds
+            if self.warm_time and self.steady is None and step >= self.warm_step:
+                self.steady_paused_s += seconds
 
         def on_step_begin(self, args, state, control, **kw):
             if self.first_step_at is None:
@@ -188,7 +196,7 @@ def make_callback(samples_per_step: int, device: str):
                     self.warm_time = now
                 elif state.max_steps > self.warm_step:
                     steps = state.max_steps - self.warm_step
-                    self.steady = steps * self.per_step / (now - self.warm_time)
+                    self.steady = steps * self.per_step / (now - self.warm_time - self.steady_paused_s)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero:
@@ -232,6 +240,34 @@ def trainer_class():
                 self._hpml_flop_weights = self.model.num_parameters(exclude_embeddings=True)
             return 6 * ids.numel() * self._hpml_flop_weights
 
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            # A checkpoint save or an evaluation between steps is timed apart (after the queued steps finish),
+            # so the steady step rate measures training steps only.
+            pausing = self.control.should_save or self.control.should_evaluate
+            if not pausing:
+                return super()._maybe_log_save_evaluate(*args, **kwargs)
+            t0 = _device_clock(self.args.device)
+            out = super()._maybe_log_save_evaluate(*args, **kwargs)
+            spent = _device_clock(self.args.device) - t0
+            for cb in self.callback_handler.callbacks:
+                if hasattr(cb, "pause"):
+                    cb.pause(spent, self.state.global_step)
+            return out
+
+        def _clip_grad_norm(self, model):
+            # Same clip as accelerate's, over a parameter list taken once: accelerate walks model.parameters()
+            # and checks each gradient for DTensor at every step (~3 ms of host time per step on the H100,
+            # more than the packed step's kernels leave). Sharded setups keep the Trainer's own path.
+            from accelerate.utils import DistributedType
+
+            if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                         DistributedType.MULTI_CPU):
+                return super()._clip_grad_norm(model)
+            if getattr(self, "_hpml_clip_params", None) is None:
+                self._hpml_clip_params = [p for p in model.parameters() if p.requires_grad]
+            self.accelerator.unscale_gradients()  # fp16's GradScaler; a no-op otherwise
+            return torch.nn.utils.clip_grad_norm_(self._hpml_clip_params, self.args.max_grad_norm)
+
         def _prepare_input(self, data):
             # Batches come from pinned memory (workers + pin_memory): copy them without blocking the host, so
             # the next step's launches overlap this one's kernels (the Trainer's own copy is blocking: a sync
@@ -241,6 +277,13 @@ def trainer_class():
             return super()._prepare_input(data)
 
     return HpmlTrainer
+
+
+def _device_clock(device) -> float:
+    """perf_counter after the device's queued work has finished (CUDA), so a pause is timed by itself."""
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def collator(tokenizer, cfg: TrainConfig, variant: Variant) -> Collator:
@@ -408,6 +451,7 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started:
                   else result.training_loss)
     metrics = {tracking.M_TRAIN_LOSS: train_loss,
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
+               tracking.M_PAUSED: progress.paused_s,
                # every session's training time (a resumed run's earlier sessions up to their last checkpoint)
                tracking.M_TRAIN_RUNTIME: (trainer.train_seconds(result.metrics["train_runtime"]) if resumable
                                           else result.metrics["train_runtime"]),

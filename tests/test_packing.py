@@ -120,3 +120,25 @@ def test_token_budget_batches_hold_every_feature_once_per_epoch_with_its_own_lab
     assert orders[0] != orders[1]
     with pytest.raises(ValueError, match="does not fit"):
         packing.pack_indices([10, budget + 1], budget)
+
+
+def test_compiled_packed_loss_is_one_graph_with_the_eager_loss_and_gradients(tiny_qa):
+    # compiled variants run the loss compiled (fullgraph: a graph break would raise); aot_eager traces it the
+    # way inductor does, without a C++ toolchain
+    tok, _, _, train_feats, model = tiny_qa
+    rows = [dict(train_feats[i]) for i in range(5)]
+    lengths = [len(r["input_ids"]) for r in rows]
+    batch = packing.PackedCollator(tok.pad_token_id, 600, 128, packing.max_segments(lengths, 600, 128))(rows)
+    with torch.no_grad():
+        out = model(**packing.model_inputs(batch))
+    grads, losses = [], []
+    for fn in (None, packing.qa_loss_function("aot_eager")):
+        s = out.start_logits.detach().clone().requires_grad_()
+        e = out.end_logits.detach().clone().requires_grad_()
+        loss = packing.packed_qa_loss(s, e, batch, fn)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append((s.grad, e.grad))
+    assert losses[0] > 0 and abs(losses[0] - losses[1]) < 1e-6, losses
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-7) and torch.allclose(grads[0][1], grads[1][1], atol=1e-7)
+    assert packing.qa_loss_function(None) is packing._qa_loss  # uncompiled variants keep the eager loss

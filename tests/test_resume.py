@@ -80,3 +80,49 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(sst2_dir, t
     versions = client.search_model_versions("name='hpml-sst2-fp32'")
     assert [v.run_id for v in versions] == [run_id]
     assert not glob.glob(str(tmp_path / "hpml-checkpoints" / run_id)), "checkpoints deleted once FINISHED"
+
+
+def test_steady_rate_leaves_out_checkpoint_saves(sst2_dir, tracking_uri, tmp_path, monkeypatch):
+    # Saves are slow here (1 s each); two fall between the steady rate's timing points (steps 2 and 12).
+    from transformers import Trainer
+
+    from hpml import training
+
+    real_save = Trainer._save_checkpoint
+
+    def slow_save(self, model, trial):
+        time.sleep(1.0)
+        return real_save(self, model, trial)
+
+    made = []
+    real_callback = training.make_callback
+    monkeypatch.setattr(training, "make_callback", lambda *a: made.append(real_callback(*a)) or made[-1])
+    monkeypatch.setattr(Trainer, "_save_checkpoint", slow_save)
+    c = TrainConfig(task="sst2", variant="fp32", model="random:tiny", data_dir=str(sst2_dir), max_steps=12,
+                    batch_size=4, eval_batch_size=16, max_length=32, purpose="test", experiment="hpml-sst2",
+                    save_steps=4, register=False, output_dir=str(tmp_path / "o"))
+    m = run_training(c)["metrics"]
+    assert m[tracking.M_PAUSED] >= 3.0  # saves at steps 4, 8 and 12
+    [progress] = made
+    assert progress.steady_paused_s >= 2.0  # those at 4 and 8 are left out of the steady rate's window,
+    assert progress.paused_s - progress.steady_paused_s >= 1.0  # the last one came after it closed
+
+
+def test_steady_rate_arithmetic_subtracts_pauses_inside_its_window(monkeypatch):
+    from types import SimpleNamespace
+
+    from hpml import training
+
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    cb = training.make_callback(4, "cpu")
+    state = SimpleNamespace(global_step=0, max_steps=12)
+    cb.on_train_begin(None, state, None)
+    cb.pause(5.0, 1)  # before the warm-up step: not in the window
+    state.global_step = 2
+    cb.on_step_end(None, state, None)  # t = 100
+    cb.pause(1.5, 4)
+    state.global_step = 12
+    cb.on_step_end(None, state, None)  # t = 110
+    cb.pause(2.0, 12)  # the final save, after the window closed
+    assert cb.steady == 10 * 4 / (10.0 - 1.5) and cb.paused_s == 8.5

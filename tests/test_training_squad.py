@@ -297,3 +297,24 @@ def test_trainer_counts_flops_as_transformers_does_without_walking_the_model_eac
     walks = []
     monkeypatch.setattr(type(trainer.model), "num_parameters", lambda self, **kw: walks.append(kw) or 1)
     assert trainer.floating_point_ops(batch) == expected and walks == []  # the weight count was taken once
+
+
+def test_gradient_clip_matches_accelerates_without_walking_the_model_each_step(squad_dir, tmp_path, monkeypatch):
+    _, _, trainer = prepared("a2", squad_dir, tmp_path)
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    model(**batch).loss.backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    monkeypatch.setattr(trainer.args, "max_grad_norm", 1e-3)  # far below the norm: every gradient is scaled
+    ref_norm = trainer.accelerator.clip_grad_norm_(model.parameters(), 1e-3)
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in raw:
+            p.grad.copy_(raw[n])
+    norm = trainer._clip_grad_norm(model)
+    assert float(ref_norm) > 1e-3 and torch.allclose(norm, ref_norm, rtol=1e-6)
+    assert all(torch.allclose(p.grad, ref[n], rtol=1e-5, atol=1e-12) for n, p in model.named_parameters() if n in ref)
+    walks = []
+    monkeypatch.setattr(type(model), "parameters", lambda self, recurse=True: walks.append(1) or iter(()))
+    trainer._clip_grad_norm(model)
+    assert walks == []  # the parameter list was taken once
