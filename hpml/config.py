@@ -1,8 +1,14 @@
 """The parameters of each command, declared once: click options and the MLproject test both read this."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+
+def cache_dir() -> str:
+    """hpml's own cache (tokenized features, random bases): HPML_CACHE_DIR, else ~/.cache/hpml."""
+    return os.environ.get("HPML_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hpml")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from hpml import checkpoints, export, launch, modeling, outage, signals, tracking, validate
-from hpml.config import TrainConfig, short_model
+from hpml.config import TrainConfig, cache_dir, short_model
 from hpml.data.batching import Collator
 from hpml.errors import UsageError
 from hpml.metrics import memory
@@ -350,10 +350,6 @@ def resolve_params(cfg: TrainConfig, variant: Variant, precision: str) -> dict[s
     params["lr"] = cfg.lr if cfg.lr is not None else variant.optimizer.lr
     params["precision"] = precision
     return {**{f"resolved.{k}": v for k, v in params.items()}, **variant.to_params()}
-
-
-def cache_dir() -> str:
-    return os.environ.get("HPML_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hpml")
 
 
 def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -> dict[str, object]:

@@ -1,5 +1,7 @@
 """The technique pipeline: precision picked by real hardware support, generic layer freezing, and each
 technique present in the built model / Trainer arguments."""
+import os
+
 import pytest
 import torch
 
@@ -83,3 +85,23 @@ def test_the_pipeline_applies_each_technique(variant_id, tmp_path):
     if variant_id == "b3":
         assert not any(n.startswith(("bert.embeddings.", "bert.encoder.layer.0.")) for n in trainable)
         assert any(n.startswith("bert.encoder.layer.1.") for n in trainable)
+
+
+def test_a_random_base_is_built_once_per_seed_and_copied_from_the_cache(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForQuestionAnswering
+
+    monkeypatch.setenv("HPML_CACHE_DIR", str(tmp_path / "cache"))
+    first = modeling.materialize_random("random:tiny", "squad", str(tmp_path / "a"), seed=3)
+    built = []
+    real = AutoModelForQuestionAnswering.from_config
+    monkeypatch.setattr(AutoModelForQuestionAnswering, "from_config", lambda *a, **k: built.append(1) or real(*a, **k))
+    again = modeling.materialize_random("random:tiny", "squad", str(tmp_path / "b"), seed=3)
+    assert built == []  # the second run copied the cached weights
+    w1, w2 = (load_file(f"{d}/model.safetensors") for d in (first, again))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert sorted(os.listdir(first)) == sorted(os.listdir(again))  # the tokenizer is saved beside them too
+    other = modeling.materialize_random("random:tiny", "squad", str(tmp_path / "c"), seed=4)
+    assert built == [1]  # another seed is another base
+    w3 = load_file(f"{other}/model.safetensors")
+    assert not torch.equal(w1["qa_outputs.weight"], w3["qa_outputs.weight"])
