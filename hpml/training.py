@@ -160,6 +160,11 @@ def training_arguments(cfg: TrainConfig, variant: Variant, built: modeling.Built
     return TrainingArguments(**{**run_level, **built.arguments, **overrides})
 
 
+def _now() -> float:
+    """The steady rate's clock (one name, so tests can drive it without touching time.perf_counter)."""
+    return time.perf_counter()
+
+
 def make_callback(samples_per_step: int, device: str):
     from transformers import TrainerCallback
 
@@ -169,7 +174,41 @@ def make_callback(samples_per_step: int, device: str):
 
         warm_step, warm_time, steady, first_step_at, start_step = 0, 0.0, None, None, 0
         paused_s, steady_paused_s = 0.0, 0.0  # checkpoint saves and evaluations: all, and inside the timed steps
+        compile_s, recompiles, step, pausing, _compile_at, _hooks = 0.0, 0, 0, False, None, None
         per_step = samples_per_step  # features per optimizer step (packed runs: the packs' average)
+
+        def _compile_start(self, args) -> None:
+            self._compile_at = _now()
+
+        def _compile_end(self, args) -> None:
+            if self._compile_at is None:
+                return
+            spent, self._compile_at = _now() - self._compile_at, None
+            self.compile_s += spent
+            if self.step > self.warm_step and not self.pausing:  # in a step after the warm-up ones (an
+                # evaluation's compile between steps is inside that pause already)
+                if args.callback_trigger.name == "DYNAMO":  # a new graph (backward/graph recording: its parts)
+                    self.recompiles += 1
+                self.pause(spent, self.step)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.watch_compiles(False)
+
+        def watch_compiles(self, on: bool) -> None:
+            """torch.compile's own compile-event hooks (dynamo's callback handler: frames, lazily compiled
+            backward graphs, CUDA-graph recording): a compile in the middle of training, a pad-to-longest
+            run meeting a new width, is counted and timed apart from the steady rate."""
+            try:
+                from torch._dynamo.callback import callback_handler
+            except ImportError:  # a torch without the hooks: compile time stays inside the steady rate
+                return
+            if on and self._hooks is None:
+                self._hooks = (callback_handler.register_start_callback(self._compile_start),
+                               callback_handler.register_end_callback(self._compile_end))
+            elif not on and self._hooks is not None:
+                callback_handler.remove_start_callback(self._hooks[0])
+                callback_handler.remove_end_callback(self._hooks[1])
+                self._hooks = None
 
         def pause(self, seconds: float, step: int) -> None:
             """Time the Trainer spent saving or evaluating after `step`: the steady rate leaves out what fell
@@ -179,6 +218,7 @@ def make_callback(samples_per_step: int, device: str):
                 self.steady_paused_s += seconds
 
         def on_step_begin(self, args, state, control, **kw):
+            self.step = state.global_step + 1  # the step now running
             if self.first_step_at is None:
                 self.first_step_at = time.time()  # wall clock: compared with the process's start time
 
@@ -186,12 +226,13 @@ def make_callback(samples_per_step: int, device: str):
             # counted from the first step of this session: a resumed run starts past step 0
             self.start_step = state.global_step
             self.warm_step = state.global_step + max(1, min(20, (state.max_steps - state.global_step) // 5))
+            self.watch_compiles(True)
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step in (self.warm_step, state.max_steps):
                 if device == "cuda":
                     torch.cuda.synchronize()  # one host sync at each of the two timing points only
-                now = time.perf_counter()
+                now = _now()
                 if state.global_step == self.warm_step:
                     self.warm_time = now
                 elif state.max_steps > self.warm_step:
@@ -246,12 +287,18 @@ def trainer_class():
             pausing = self.control.should_save or self.control.should_evaluate
             if not pausing:
                 return super()._maybe_log_save_evaluate(*args, **kwargs)
+            progress = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "pause")]
             t0 = _device_clock(self.args.device)
-            out = super()._maybe_log_save_evaluate(*args, **kwargs)
+            for cb in progress:
+                cb.pausing = True
+            try:
+                out = super()._maybe_log_save_evaluate(*args, **kwargs)
+            finally:
+                for cb in progress:
+                    cb.pausing = False
             spent = _device_clock(self.args.device) - t0
-            for cb in self.callback_handler.callbacks:
-                if hasattr(cb, "pause"):
-                    cb.pause(spent, self.state.global_step)
+            for cb in progress:
+                cb.pause(spent, self.state.global_step)
             return out
 
         def _clip_grad_norm(self, model):
@@ -283,7 +330,7 @@ def _device_clock(device) -> float:
     """perf_counter after the device's queued work has finished (CUDA), so a pause is timed by itself."""
     if getattr(device, "type", device) == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter()
+    return _now()
 
 
 def collator(tokenizer, cfg: TrainConfig, variant: Variant) -> Collator:
@@ -434,12 +481,15 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started:
     if resume_from:
         tracking.set_tags({tracking.TAG_RESUMED_AT: os.path.basename(resume_from).split("-")[-1]})
     trainer.start_from(resume_from)
-    with signals.deferred():  # a first SIGINT/SIGTERM stops at the next step with a checkpoint, then raises
-        result = trainer.train(resume_from_checkpoint=resume_from)
+    progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
+    try:
+        with signals.deferred():  # a first SIGINT/SIGTERM stops at the next step with a checkpoint, then raises
+            result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        progress.watch_compiles(False)  # a failed run must not leave its hooks in torch
     if main:
         tracking.set_tags(ran_with(trainer))
     last_epoch = max(1, int(round(trainer.state.epoch or 0)))  # final metrics sit at the last epoch's step
-    progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
     # Summed over every step, those before a resume included (Trainer's own mean covers this session only).
     # Data-parallel runs cannot resume: Trainer's own mean is already averaged over the ranks there (the
     # local sum holds this rank's half of each batch only).
@@ -448,6 +498,8 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started:
     metrics = {tracking.M_TRAIN_LOSS: train_loss,
                tracking.M_TRAIN_STEADY_SPS: progress.steady,
                tracking.M_PAUSED: progress.paused_s,
+               tracking.M_COMPILE: progress.compile_s,
+               tracking.M_RECOMPILES: progress.recompiles,
                # every session's training time (a resumed run's earlier sessions up to their last checkpoint)
                tracking.M_TRAIN_RUNTIME: (trainer.train_seconds(result.metrics["train_runtime"]) if resumable
                                           else result.metrics["train_runtime"]),
