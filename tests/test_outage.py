@@ -113,9 +113,11 @@ def test_mlflow_run_dead_server_one_line(tmp_path, plugin_path, sst2_dir):
 class Training:
     """`hpml train-sst2` on a random:tiny model as a subprocess, its stderr read line by line with times."""
 
-    # A checkpoint every 4 steps tells the test that training is under way without asking the server; 12
-    # steps after it remain to train while the server is down (one epoch is 12 steps of 8 rows).
-    STEPS, SAVE = 16, 4
+    # A checkpoint every 4 steps tells the test that training is under way without asking the server; 36
+    # steps after it remain to train while the server is down (one epoch is 12 steps of 8 rows). They must
+    # outlast the other run's start: with 12 left, a run that started ~1.5 s ahead (a warm cache) could
+    # finish before the server was stopped.
+    STEPS, SAVE = 40, 4
 
     def __init__(self, tmp: Path, data: Path, server: Server, wait_s: float):
         tmp.mkdir()
@@ -183,7 +185,8 @@ def _check_finished(url: str, run_id: str, steps: int, predict: bool = False) ->
     loss_steps = [m.step for m in client.get_metric_history(run_id, "train_loss_running")]
     assert loss_steps == [steps]
     epochs = sorted({m.step for m in client.get_metric_history(run_id, "eval_accuracy")})
-    assert epochs == [1]  # after the first epoch (12 steps); the final value sits at the last epoch's step
+    assert epochs == list(range(1, steps // 12 + 1))  # after each whole epoch (12 steps); the final value sits
+    # at the last epoch's step
     assert "predictions.json" in {a.path for a in client.list_artifacts(run_id)}
     assert run.data.tags["compiled"] == "no"  # a tag set after training, buffered like the metrics
     if predict:
