@@ -13,7 +13,7 @@
 #           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2;
 #                                                    SQUAD_STEPS, MAX_TOKENS for p* variants, RUN_LIMIT_S;
 #                                                    PYSPY=1: py-spy samples each run into $OUT/pyspy-<v>.txt.gz)
-#           bash benchmarks/gpu.sh startup [variant] (process start to first step, features cached; 3 runs)
+#           bash benchmarks/gpu.sh startup [variant] (start to first step: 1 run fills the caches, 3 more)
 #           bash benchmarks/gpu.sh trainpath        (their speed as a table; REFERENCE=bench results.json)
 #           bash benchmarks/gpu.sh vram             (the study's probe: A3, C1, C2, C2-8, SST-2 fp32/qlora)
 #           bash benchmarks/gpu.sh qlora-load       (reload the registered QLoRA adapter on its 4-bit base)

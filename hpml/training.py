@@ -170,7 +170,9 @@ def make_callback(samples_per_step: int, device: str):
 
     class MlflowProgress(TrainerCallback):
         """Streams running loss, lr and per-epoch eval metrics to the active run (UI curves while training),
-        and times the steps after a warm-up: Trainer's own samples/s includes torch.compile's first graphs."""
+        and times the steps after a warm-up: Trainer's own samples/s includes torch.compile's first graphs.
+        What falls between the two timing points and is not a training step (a checkpoint save, an
+        evaluation, a compile of a new shape) is timed apart and left out of the steady rate."""
 
         warm_step, warm_time, steady, first_step_at, start_step = 0, 0.0, None, None, 0
         paused_s, steady_paused_s = 0.0, 0.0  # checkpoint saves and evaluations: all, and inside the timed steps
@@ -187,8 +189,8 @@ def make_callback(samples_per_step: int, device: str):
             self.compile_s += spent
             if self.step > self.warm_step and not self.pausing:  # in a step after the warm-up ones (an
                 # evaluation's compile between steps is inside that pause already)
-                if args.callback_trigger.name == "DYNAMO":  # a new graph (backward/graph recording: its parts)
-                    self.recompiles += 1
+                if args.callback_trigger.name == "DYNAMO":  # a new graph; a lazily compiled backward or a
+                    self.recompiles += 1  # CUDA-graph recording belongs to a graph counted already
                 self.pause(spent, self.step)
 
         def on_train_end(self, args, state, control, **kw):
@@ -211,8 +213,9 @@ def make_callback(samples_per_step: int, device: str):
                 self._hooks = None
 
         def pause(self, seconds: float, step: int) -> None:
-            """Time the Trainer spent saving or evaluating after `step`: the steady rate leaves out what fell
-            between its two timing points (a save at an epoch's end in a 300-step run cost ~20% of it)."""
+            """Time spent at `step` outside the step's own work (a save, an evaluation, a compile): the steady
+            rate leaves out what fell between its two timing points (a save at an epoch's end in a 300-step
+            run cost ~20% of it on the H100)."""
             self.paused_s += seconds
             if self.warm_time and self.steady is None and step >= self.warm_step:
                 self.steady_paused_s += seconds

@@ -56,8 +56,6 @@ def world(tmp_path_factory, sst2_dir, squad_dir):
     w["sst2_bad"]["train.tsv is a folder"] = str(dir_as_file)
 
     dev = json.loads((squad_dir / "dev-v2.0.json").read_text())
-    para = dev["data"][0]["paragraphs"][0]
-    qa = para["qas"][0]
 
     def squad_doc(mutate):
         doc = json.loads(json.dumps(dev))

@@ -80,4 +80,3 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(sst2_dir, t
     versions = client.search_model_versions("name='hpml-sst2-fp32'")
     assert [v.run_id for v in versions] == [run_id]
     assert not glob.glob(str(tmp_path / "hpml-checkpoints" / run_id)), "checkpoints deleted once FINISHED"
-

@@ -55,7 +55,6 @@ def test_steady_rate_arithmetic_subtracts_pauses_inside_its_window(monkeypatch):
     assert cb.steady == 10 * 4 / (10.0 - 1.5) and cb.paused_s == 8.5
 
 
-
 def test_compiles_after_warmup_are_counted_and_left_out_of_the_steady_rate(monkeypatch):
     from torch._dynamo.callback import CallbackTrigger, callback_handler
 

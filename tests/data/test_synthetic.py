@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from hpml.data.squad import load_squad_json
 from hpml.data.synthetic import make_squad, make_sst2, write_squad, write_sst2
