@@ -60,7 +60,7 @@ squad)
   for v in "${@:-a1 a2 a3 a4-nb a4-b b1 b2 b3 c1 c2-8 c2 d1}"; do
     for one in $v; do
       packed=(); case "$one" in p*) packed=(--max-tokens "${MAX_TOKENS:-6000}");; esac
-      spy=(); [ -n "${PYSPY:-}" ] && spy=(/tmp/hpml-site/bin/py-spy record -r 200 --format raw -o "$BENCH_DIR/pyspy-$one.txt" --)
+      spy=(); [ -n "${PYSPY:-}" ] && spy=(/tmp/hpml-site/bin/py-spy record --nonblocking -r 200 --format raw -o "$BENCH_DIR/pyspy-$one.txt" --)
       timeout -s INT "${RUN_LIMIT_S:-300}" "${spy[@]}" python3 -m hpml.cli train-squad --variant "$one" --model random:bert-base \
         --data-dir "$BENCH_DIR/squad" --max-steps "$steps" --batch-size 32 --eval-batch-size 64 \
         --max-eval-samples 600 --register false --purpose real "${packed[@]}" || echo "FAILED squad $one"
