@@ -107,3 +107,24 @@ def test_every_task_has_a_cli_command_an_mlproject_entry_and_make_data(tmp_path)
         out = CliRunner().invoke(main, ["make-data", name, "--out", str(tmp_path / name), "--train", "9", "--dev", "6"])
         assert out.exit_code == 0, out.output
         assert len(out.output.split()) == 2
+
+
+def test_a_new_eval_limit_reuses_the_cached_training_features(squad_dir, tokenizer, tmp_path, monkeypatch):
+    # Each split's features are cached under that split's own key: changing max_eval_samples (a quicker
+    # evaluation) used to tokenize the whole training set again.
+    import hpml.data.squad
+
+    made = []
+    real = hpml.data.squad.prepare_train_features
+    monkeypatch.setattr(hpml.data.squad, "prepare_train_features", lambda *a, **k: made.append(1) or real(*a, **k))
+    spec = get_task("squad")
+    cfg = SimpleNamespace(data_dir=str(squad_dir), max_train_samples=0, max_eval_samples=10, max_length=128,
+                          doc_stride=32)
+    first = spec.prepare(cfg, tokenizer, str(tmp_path))
+    assert made
+    n = len(made)
+    second = spec.prepare(SimpleNamespace(**{**vars(cfg), "max_eval_samples": 20}), tokenizer, str(tmp_path))
+    assert len(made) == n  # the training features came from the cache
+    assert len(second.eval_features) > len(first.eval_features) and second.fingerprint != first.fingerprint
+    spec.prepare(SimpleNamespace(**{**vars(cfg), "max_train_samples": 30}), tokenizer, str(tmp_path))
+    assert len(made) > n  # another training limit is another set of training features

@@ -31,8 +31,14 @@ def prepare(cfg, tokenizer, cache_dir: str) -> Prepared:
     fp = fingerprint(cfg, revision)
     tok_name = getattr(tokenizer, "name_or_path", "tok")
     feats = {}
-    for kind, ds, fn in (("train", train, squad.prepare_train_features), ("eval", dev, squad.prepare_eval_features)):
-        key = squad.feature_cache_key(fp, tok_name, cfg.max_length, cfg.doc_stride, kind)
+    for kind, ds, fn, file, limit in (
+            ("train", train, squad.prepare_train_features, FILES[0], "max_train_samples"),
+            ("eval", dev, squad.prepare_eval_features, FILES[1], "max_eval_samples")):
+        # each split's features are keyed by that split alone: a new max_eval_samples must not tokenize
+        # the whole training set again (the run's data fingerprint covers both)
+        split_fp = data_fingerprint(cfg.data_dir, [os.path.join(cfg.data_dir, file)], HUB, revision,
+                                    {limit: getattr(cfg, limit)})
+        key = squad.feature_cache_key(split_fp, tok_name, cfg.max_length, cfg.doc_stride, kind)
         feats[kind] = squad.tokenize_cached(
             ds, lambda b, fn=fn: fn(b, tokenizer, cfg.max_length, cfg.doc_stride), cache_dir, key,
             remove_columns=ds.column_names)
