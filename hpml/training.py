@@ -233,9 +233,7 @@ def make_callback(samples_per_step: int, device: str):
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step in (self.warm_step, state.max_steps):
-                if device == "cuda":
-                    torch.cuda.synchronize()  # one host sync at each of the two timing points only
-                now = _now()
+                now = _device_clock(device)  # one host sync at each of the two timing points only
                 if state.global_step == self.warm_step:
                     self.warm_time = now
                 elif state.max_steps > self.warm_step:
@@ -288,20 +286,15 @@ def trainer_class():
             # A checkpoint save or an evaluation between steps is timed apart (after the queued steps finish),
             # so the steady step rate measures training steps only.
             pausing = self.control.should_save or self.control.should_evaluate
-            if not pausing:
+            if not pausing or (watch := progress_of(self)) is None:
                 return super()._maybe_log_save_evaluate(*args, **kwargs)
-            progress = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "pause")]
             t0 = _device_clock(self.args.device)
-            for cb in progress:
-                cb.pausing = True
+            watch.pausing = True
             try:
                 out = super()._maybe_log_save_evaluate(*args, **kwargs)
             finally:
-                for cb in progress:
-                    cb.pausing = False
-            spent = _device_clock(self.args.device) - t0
-            for cb in progress:
-                cb.pause(spent, self.state.global_step)
+                watch.pausing = False
+            watch.pause(_device_clock(self.args.device) - t0, self.state.global_step)
             return out
 
         def _clip_grad_norm(self, model):
@@ -327,6 +320,12 @@ def trainer_class():
             return super()._prepare_input(data)
 
     return HpmlTrainer
+
+
+def progress_of(trainer):
+    """The trainer's MlflowProgress (make_callback); None for trainers built with callbacks of their own (the
+    VRAM probe, the eval-memory reload)."""
+    return next((c for c in trainer.callback_handler.callbacks if hasattr(c, "steady")), None)
 
 
 def _device_clock(device) -> float:
@@ -484,7 +483,7 @@ def _train_in_run(spec, variant, cfg, prep, device, work, run_id, tags, started:
     if resume_from:
         tracking.set_tags({tracking.TAG_RESUMED_AT: os.path.basename(resume_from).split("-")[-1]})
     trainer.start_from(resume_from)
-    progress = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "steady"))
+    progress = progress_of(trainer)
     try:
         with signals.deferred():  # a first SIGINT/SIGTERM stops at the next step with a checkpoint, then raises
             result = trainer.train(resume_from_checkpoint=resume_from)

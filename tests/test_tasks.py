@@ -128,3 +128,21 @@ def test_a_new_eval_limit_reuses_the_cached_training_features(squad_dir, tokeniz
     assert len(second.eval_features) > len(first.eval_features) and second.fingerprint != first.fingerprint
     spec.prepare(SimpleNamespace(**{**vars(cfg), "max_train_samples": 30}), tokenizer, str(tmp_path))
     assert len(made) > n  # another training limit is another set of training features
+
+
+def test_file_digest_reads_an_unchanged_file_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    import builtins
+    import hashlib
+
+    from hpml.tasks import file_digest
+
+    f = tmp_path / "train.tsv"
+    f.write_text("abc")
+    first = file_digest(str(f))
+    assert first == hashlib.sha256(b"abc").hexdigest()
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    assert file_digest(str(f)) == first and opened == []  # the same file, unchanged: not read again
+    f.write_text("abcd")
+    assert file_digest(str(f)) == hashlib.sha256(b"abcd").hexdigest()

@@ -6,6 +6,7 @@ declared parameter list (config.py) and an MLproject entry point.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -85,6 +86,15 @@ def fingerprint(parts: dict) -> str:
 
 
 def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes, read once per process while its size and mtime stay the same (a start asks
+    for each data file's digest several times: the run's fingerprint, each split's feature key, the
+    datasets logged to MLflow)."""
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
