@@ -115,12 +115,15 @@ def variants_cmd(task):
 
 
 def _train(task: str, kw: dict):
-    from hpml import launch
+    from hpml import launch, lean
     from hpml.errors import UsageError
-    from hpml.training import run_training
+    from hpml.variants import get_variant
 
     if not kw["variant"]:  # click lets a required option with a None default through as None
         raise UsageError(f"--variant is required: pick one of hpml variants --task {task}")
+    variant = get_variant(kw["variant"], task)
+    lean.hide_unused(variant)  # before transformers is imported: packages its training will not use stay out
+    from hpml.training import run_training
 
     cfg = TrainConfig(task=task, **{**kw, "register": parse_bool("register", kw["register"]),
                                     "lr": parse_lr(kw["lr"])})
@@ -132,9 +135,7 @@ def _train(task: str, kw: dict):
     if note and not launch.in_worker():
         click.echo(f"hpml: note: {note}", err=True)
     if not launch.in_worker():
-        from hpml.variants import get_variant
-
-        launch.check(get_variant(cfg.variant, task), cfg.nproc, cfg.batch_size, cfg.eval_batch_size)
+        launch.check(variant, cfg.nproc, cfg.batch_size, cfg.eval_batch_size)
     if cfg.nproc > 1 and not launch.in_worker():
         # The workers run this same command; they find themselves inside the job and train.
         argv = [f"train-{task}"] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", "" if v is None else str(v))]
@@ -191,8 +192,8 @@ for _spec in all_tasks().values():
 def resume(run):
     """Continue an interrupted training run (RUN ID, or 'latest') from its last checkpoint: same MLflow run,
     same parameters; it ends FINISHED and registers one version."""
-    from hpml import checkpoints, tracking
-    from hpml.training import run_training
+    from hpml import checkpoints, lean, tracking
+    from hpml.variants import get_variant
 
     tracking.connect()
     if run.strip().lower() != "latest":  # a run that trained to the end while its server was away
@@ -205,6 +206,9 @@ def resume(run):
             _print_summary(summary.pop("task"), summary)
             return
     cfg = checkpoints.to_resume(run)
+    lean.hide_unused(get_variant(cfg.variant, cfg.task))
+    from hpml.training import run_training
+
     click.echo(f"resuming {cfg.task} run {cfg.resume} ({cfg.variant}) from "
                f"{checkpoints.last_checkpoint(checkpoints.run_dir(cfg, cfg.resume))}", err=True)
     _print_summary(cfg.task, run_training(cfg))

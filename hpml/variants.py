@@ -122,9 +122,14 @@ class Variant:
             raise ValueError(f"variant {self.id!r}: " + "; ".join(problems))
 
     @property
+    def uses_bitsandbytes(self) -> bool:
+        """A 4-bit base or the 8-bit optimizer: the variants that need bitsandbytes."""
+        return self.precision.quantization is not None or self.optimizer.name == "adamw_8bit"
+
+    @property
     def requires_cuda(self) -> bool:
         """bitsandbytes' 8-bit optimizer and 4-bit layers are CUDA kernels in hpml's supported setups."""
-        return self.precision.quantization is not None or self.optimizer.name == "adamw_8bit"
+        return self.uses_bitsandbytes
 
     def knobs(self) -> str:
         """The 'key knobs' column: the settings that set this variant apart, short."""
