@@ -13,7 +13,8 @@
 #           bash benchmarks/gpu.sh squad a1 a2 …    (random-init bert-base shapes on generated SQuAD v2;
 #                                                    SQUAD_STEPS, MAX_TOKENS for p* variants, RUN_LIMIT_S;
 #                                                    PYSPY=1: py-spy samples each run into $OUT/pyspy-<v>.txt.gz)
-#           bash benchmarks/gpu.sh startup [variant] (start to first step: 1 run fills the caches, 3 more)
+#           bash benchmarks/gpu.sh startup [variant] (start to first step: 1 run fills the caches, then
+#                                                    3 pairs with and without HPML_LEAN_IMPORTS)
 #           bash benchmarks/gpu.sh trainpath        (their speed as a table; REFERENCE=bench results.json)
 #           bash benchmarks/gpu.sh vram             (the study's probe: A3, C1, C2, C2-8, SST-2 fp32/qlora)
 #           bash benchmarks/gpu.sh qlora-load       (reload the registered QLoRA adapter on its 4-bit base)
@@ -86,11 +87,13 @@ learnability)
   cat "$OUT"/learn_*.jsonl "$OUT/sst2_seeds.jsonl"
   ;;
 startup)
-  # process start to first training step with cached features: one run fills the cache, then three more
+  # process start to first training step with cached features: one run fills the cache, then three pairs,
+  # each with and without hpml's lean imports (HPML_LEAN_IMPORTS=0: scikit-learn, bitsandbytes imported)
   [ -f "$BENCH_DIR/squad/train-v2.0.json" ] || hpml make-data squad --out "$BENCH_DIR/squad" --train 6000 --dev 600
-  for i in 0 1 2 3; do
-    /usr/bin/time -f "wall %e s" python3 -m hpml.cli train-squad --variant "${1:-a2}" --model random:bert-base \
-      --data-dir "$BENCH_DIR/squad" --max-steps 5 --batch-size 32 --max-eval-samples 64 --register false --purpose test
+  for lean in 1 1 0 1 0 1 0; do
+    HPML_LEAN_IMPORTS=$lean /usr/bin/time -f "wall %e s" python3 -m hpml.cli train-squad --variant "${1:-a2}" \
+      --model random:bert-base --data-dir "$BENCH_DIR/squad" --max-steps 5 --batch-size 32 --max-eval-samples 64 \
+      --register false --purpose test
   done
   python3 benchmarks/trainpath_table.py | tee "$OUT/startup.md"
   ;;

@@ -27,10 +27,15 @@ def main() -> None:
             ref = next(r["features_per_s"] for r in json.load(f)["rows"] if r["label"] == "reference")
     runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.{tracking.TAG_TASK} = 'squad'",
                               order_by=["start_time ASC"])
-    head = ["variant", "status", "compiled", *[h for _, h, _ in COLS]] + (["steady x ref"] if ref else [])
+    hid = f"tags.{tracking.TAG_HIDDEN_IMPORTS}"
+    lean = hid in runs and runs[hid].notna().any()  # a startup A/B (HPML_LEAN_IMPORTS=0 and 1)
+    head = (["variant", "status", "compiled"] + (["hidden imports"] if lean else []) + [h for _, h, _ in COLS]
+            + (["steady x ref"] if ref else []))
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for _, r in runs.iterrows():
         cells = [r.get(f"tags.{tracking.TAG_VARIANT}"), r["status"], r.get(f"tags.{tracking.TAG_COMPILED}")]
+        if lean:
+            cells.append(r[hid] if isinstance(r[hid], str) else "none")
         for key, _, fmt in COLS:
             v = r.get(f"metrics.{key}")
             cells.append("-" if v is None or v != v else fmt.format(v))

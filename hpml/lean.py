@@ -24,6 +24,11 @@ ENV = "HPML_LEAN_IMPORTS"
 UNUSED = ("sklearn",)
 QUANTIZATION = ("bitsandbytes",)
 _TOO_LATE = ("transformers", "peft")
+_HIDDEN: list[str] = []  # what this process hid: the runs it starts carry it as a tag
+
+
+def hidden() -> tuple[str, ...]:
+    return tuple(_HIDDEN)
 
 
 def hide_unused(variant: Optional[Variant] = None) -> tuple[str, ...]:
@@ -37,4 +42,5 @@ def hide_unused(variant: Optional[Variant] = None) -> tuple[str, ...]:
     hidden = tuple(n for n in names if n not in sys.modules)
     for n in hidden:
         sys.modules[n] = None  # type: ignore[assignment]  # find_spec -> None; `import n` -> ModuleNotFoundError
+    _HIDDEN.extend(hidden)
     return hidden

@@ -10,6 +10,7 @@ import urllib.request
 import warnings
 from typing import Iterator, Optional
 
+from hpml import lean
 from hpml.errors import HpmlError, UsageError
 
 # ---- names: the report and the tests read these, never string literals -------------------------------
@@ -28,6 +29,7 @@ TAG_COMPILED = "compiled"  # the torch.compile backend the Trainer really wrappe
 TAG_VERSIONS_PREFIX = "version."  # version.torch, version.transformers, …
 TAG_HOST = "hpml.host"  # where the run's process lives: with TAG_PID, finds runs left RUNNING by kill -9
 TAG_PID = "hpml.pid"
+TAG_HIDDEN_IMPORTS = "hpml.hidden_imports"  # packages the run's process kept out (hpml.lean), comma-separated
 TAG_CHECKPOINT_DIR = "hpml.checkpoint_dir"  # this run's checkpoints (hpml resume reads it)
 TAG_RESUMED_AT = "hpml.resumed_at_step"  # set when a run was continued from a checkpoint
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's description in the UI: variant, model, seed, data
@@ -277,7 +279,8 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
     try:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
                          TAG_DEVICE: device_name(), **library_versions(), **tags,
-                         TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())})
+                         TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+                         **({TAG_HIDDEN_IMPORTS: ",".join(lean.hidden())} if lean.hidden() else {})})
         already = mlflow.get_run(active.info.run_id).data.params
         log_params({k: v for k, v in inputs.items() if k not in already})
         log_params(resolved)
