@@ -151,6 +151,8 @@ def _train(task: str, kw: dict):
             # A signal is the agent stopping this worker because another failed: not a cause of its own.
             if not isinstance(exc, (signals.Interrupted, KeyboardInterrupt)):
                 launch.record_error(str(exc) if isinstance(exc, HpmlError) else f"{type(exc).__name__}: {exc}")
+            if launch.peer_lost(exc):  # another worker died mid-collective: the launcher names it, in one line
+                raise HpmlError(f"a peer worker is gone ({str(exc).splitlines()[0]})") from None
             raise
         if not launch.context().is_main:
             return

@@ -104,6 +104,17 @@ def record_error(message: str) -> None:
             f.write(message.strip().splitlines()[0] if message.strip() else "failed")
 
 
+# What a collective raises in a surviving worker when another worker's process is gone (gloo on CPUs, NCCL).
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether this worker failed only because another one died: the launcher names the one that died, so
+    this worker's traceback would be noise on the console."""
+    return context().distributed and isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_LOST)
+
+
 def record_run_id(run_id: str) -> None:
     d = context()
     if d.distributed and d.is_main and d.launch_dir:

@@ -1,5 +1,6 @@
 """Keep a training process from importing packages that transformers and peft load at import time for features
-hpml never uses. On the H100 machines this was 2.7 s of a 13-17 s start (issue 11's 15-s target):
+hpml never uses. On the H100 machines a start to the first step is 1.8-2.6 s shorter without them (11-13 s
+instead of 14-15 s; issue 11's target is 15 s):
 
 - scikit-learn (~1.8 s there): transformers' generation utilities import it for assisted decoding, and
   `import transformers.models.bert` reaches them through the auto classes. hpml does not generate text.

@@ -10,7 +10,6 @@ import urllib.request
 import warnings
 from typing import Iterator, Optional
 
-from hpml import lean
 from hpml.errors import HpmlError, UsageError
 
 # ---- names: the report and the tests read these, never string literals -------------------------------
@@ -279,8 +278,7 @@ def run(task: str, run_name: str, experiment: str, tags: dict[str, str], inputs:
     try:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(),
                          TAG_DEVICE: device_name(), **library_versions(), **tags,
-                         TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
-                         **({TAG_HIDDEN_IMPORTS: ",".join(lean.hidden())} if lean.hidden() else {})})
+                         TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())})
         already = mlflow.get_run(active.info.run_id).data.params
         log_params({k: v for k, v in inputs.items() if k not in already})
         log_params(resolved)

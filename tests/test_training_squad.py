@@ -318,3 +318,40 @@ def test_gradient_clip_matches_accelerates_without_walking_the_model_each_step(s
     monkeypatch.setattr(type(model), "parameters", lambda self, recurse=True: walks.append(1) or iter(()))
     trainer._clip_grad_norm(model)
     assert walks == []  # the parameter list was taken once
+
+
+def test_train_mode_and_zero_grad_without_walking_the_model_each_step(squad_dir, tmp_path, monkeypatch):
+    import copy
+
+    import torch.nn as nn
+
+    from hpml.training import flat_module_walks
+
+    _, _, trainer = prepared("a2", squad_dir, tmp_path)
+    inner = trainer.model
+    model = torch.compile(inner, backend="eager")  # the wrapper the Trainer steps when a variant compiles
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop
+    trainer.training_step(model, batch)  # installs the flat walks on the object it steps
+    assert "_hpml_modules" in model.__dict__ and "_hpml_modules" not in inner.__dict__
+    assert all(p.grad is not None for p in inner.parameters() if p.requires_grad)
+    model.zero_grad()
+    assert all(p.grad is None for p in inner.parameters())
+
+    walks = []
+    real_train = nn.Module.train
+    monkeypatch.setattr(nn.Module, "train", lambda self, mode=True: walks.append(1) or real_train(self, mode))
+    model.train()
+    assert walks == []  # every module already trains: no walk
+    inner.eval()  # the Trainer's evaluation sets the unwrapped model's mode, not through the wrapper
+    assert not any(m.training for m in inner.modules())
+    model.train()
+    assert walks and all(m.training for m in model.modules())  # undone: dropout is on again
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+    twin = copy.deepcopy(inner)
+    flat_module_walks(twin)
+    clone = copy.deepcopy(twin)
+    clone.train()
+    assert all(m.training for m in clone.modules()) and not any(m.training for m in twin.modules())
