@@ -191,7 +191,7 @@ def make_callback(samples_per_step: int, device: str):
                 # evaluation's compile between steps is inside that pause already)
                 if args.callback_trigger.name == "DYNAMO":  # a new graph; a lazily compiled backward or a
                     self.recompiles += 1  # CUDA-graph recording belongs to a graph counted already
-                self.pause(spent, self.step)
+                self.pause(spent, self.step, compiling=True)
 
         def on_train_end(self, args, state, control, **kw):
             self.watch_compiles(False)
@@ -212,11 +212,13 @@ def make_callback(samples_per_step: int, device: str):
                 callback_handler.remove_end_callback(self._hooks[1])
                 self._hooks = None
 
-        def pause(self, seconds: float, step: int) -> None:
+        def pause(self, seconds: float, step: int, compiling: bool = False) -> None:
             """Time spent at `step` outside the step's own work (a save, an evaluation, a compile): the steady
             rate leaves out what fell between its two timing points (a save at an epoch's end in a 300-step
-            run cost ~20% of it on the H100)."""
-            self.paused_s += seconds
+            run cost ~20% of it on the H100). Saves and evaluations add up in `paused_s`; compiles have
+            `compile_s` of their own."""
+            if not compiling:
+                self.paused_s += seconds
             if self.warm_time and self.steady is None and step >= self.warm_step:
                 self.steady_paused_s += seconds
 

@@ -85,6 +85,7 @@ def test_compiles_after_warmup_are_counted_and_left_out_of_the_steady_rate(monke
         cb.on_train_end(None, state, None)
     assert cb.compile_s == 10.0 and cb.recompiles == 1
     assert cb.steady == 10 * 4 / (20.0 - 3.0 - 2.0)
+    assert cb.paused_s == 0.0  # compiles are not saves or evaluations (train_checkpoint_eval_s)
     assert cb._compile_start not in callback_handler.start_callbacks  # hooks gone with the training
 
 
