@@ -40,8 +40,8 @@ def hide_unused(variant: Optional[Variant] = None) -> tuple[str, ...]:
     if any(m in sys.modules for m in _TOO_LATE):
         return ()
     names = UNUSED + (QUANTIZATION if variant is not None and not variant.uses_bitsandbytes else ())
-    hidden = tuple(n for n in names if n not in sys.modules)
-    for n in hidden:
+    now_hidden = tuple(n for n in names if n not in sys.modules)
+    for n in now_hidden:
         sys.modules[n] = None  # type: ignore[assignment]  # find_spec -> None; `import n` -> ModuleNotFoundError
-    _HIDDEN.extend(hidden)
-    return hidden
+    _HIDDEN.extend(now_hidden)
+    return now_hidden

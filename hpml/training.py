@@ -473,8 +473,8 @@ def run_training(cfg: TrainConfig, inputs: Optional[dict[str, object]] = None) -
         tags[tracking.TAG_CONFIG_HASH] = config_hash(params)
         tags[tracking.TAG_RECIPE] = recipe_hash(params, prep.fingerprint)
         tags[tracking.TAG_DESCRIPTION] = describe(cfg, variant)
-        if lean.hidden():
-            tags[tracking.TAG_HIDDEN_IMPORTS] = ",".join(lean.hidden())
+        if hidden := lean.hidden():
+            tags[tracking.TAG_HIDDEN_IMPORTS] = ",".join(hidden)
         if not dist.is_main:  # data-parallel ranks > 0 train and evaluate alongside rank 0, never track
             return _train_in_run(spec, variant, cfg, prep, device, work, "", tags, started)
         with tracking.run(cfg.task, variant.id, cfg.experiment, tags, inputs or {}, params,
