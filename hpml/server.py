@@ -23,6 +23,13 @@ ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 DEFAULT_ADMIN = "admin"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
 AUTH_CACHE_TTL_S = 60
+# One server worker runs each request on a thread of anyio's default pool (40 threads: MLflow mounts its Flask
+# app through a WSGI middleware). MLflow's log_batch holds a database session while it opens a second one, so
+# SQLAlchemy's default pool (5 + 10 overflow) can run dry with every holder waiting for its second connection:
+# a crowd of runs then fails after 30 s with "QueuePool limit of size 5 overflow 10 reached". With more
+# connections than threads, some thread can always finish.
+REQUEST_THREADS = 40
+POOL_ENV = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "5", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(REQUEST_THREADS)}
 MIN_PASSWORD = 12  # MLflow's basic-auth password policy (mlflow.utils.validation._validate_password)
 # READ: everyone sees every run and model (the report reads the whole store); writing takes EDIT, granted
 # per experiment and registered model (docs/team-server.md). The creator of either gets MANAGE.
@@ -234,6 +241,8 @@ def serve(cfg: ServerConfig, echo=print) -> int:
     # MLflow's background job runner serves GenAI scorers, which hpml does not use: it would only cost
     # worker processes and CPU. Set it to true to have them anyway.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    for name, value in POOL_ENV.items():  # yours win when set
+        env.setdefault(name, value)
     try:
         # Same process group: Ctrl-C in the terminal, or a kill of the group, reaches the server's workers too.
         proc = subprocess.Popen(cmd, env=env)
