@@ -46,6 +46,7 @@ class BenchConfig:
     seed: int = 0
     profile_steps: int = 0  # >0: torch.profiler over that many steady steps per row (GPU busy share)
     cudagraphs: bool = False  # compiled padded variants also run as <id>+cg with mode reduce-overhead
+    static_widths: bool = False  # compiled pad-to-longest variants also run as <id>+sw, one graph per width
     out: str = ""  # folder for results.json and profiles; empty = none
     log: bool = True
     experiment: str = "hpml-bench"
@@ -321,6 +322,7 @@ def _stop_profiler(handle, device, n, out_file, label="") -> float:
 
 
 CG = "+cg"  # label suffix of a row compiled with CUDA graphs by --cudagraphs
+SW = "+sw"  # label suffix of a row by --static-widths: torch.compile's default, a graph per padded width
 
 
 def with_cudagraphs(v: Variant) -> Variant:
@@ -335,9 +337,10 @@ def cudagraph_twin(v: Variant) -> bool:
 
 
 def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, feats, eval_feats, device: str,
-                peak: float, suffix: str = "") -> Row:
+                peak: float, suffix: str = "", static_widths: bool = False) -> Row:
     label = (f"{v.id}@{budget}" if v.batching.padding == "packed" else v.id) + suffix
-    row = Row(label, v.id, v.knobs() + (f", {budget} tokens/step" if v.batching.padding == "packed" else ""))
+    row = Row(label, v.id, v.knobs() + (f", {budget} tokens/step" if v.batching.padding == "packed" else "")
+              + (", a graph per padded width" if static_widths else ""))
     _free(device)
     torch._dynamo.reset()
     attn = packing.register_attention() if v.batching.padding == "packed" else v.attention.impl
@@ -354,9 +357,12 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     dtype = torch.bfloat16 if device == "cuda" else None
     packed = v.batching.padding == "packed"
     loss_fn = packing.qa_loss_function(v.compile.backend if v.compile.enabled else None) if packed else None
+    dynamic = modeling.dynamic_widths(v) and not static_widths  # as hpml's training marks them
 
     def step(b):
         b = {k: (t.to(device, non_blocking=True) if torch.is_tensor(t) else t) for k, t in b.items()}
+        if dynamic:
+            modeling.mark_dynamic(b)
         with (torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()):
             if packed:
                 out = fwd(**packing.model_inputs(b))
@@ -374,7 +380,8 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     start = time.perf_counter()
     if v.compile.enabled and v.batching.padding == "longest":
         # one step of each padded width first: a compiled model meets every shape during warm-up, not
-        # inside the timed steps (at most max_length / pad_to_multiple_of widths)
+        # inside the timed steps (at most max_length / pad_to_multiple_of widths): a +sw row compiles a graph
+        # per width, a +cg row records one, the dynamic graph of the others just runs each once
         seen = {}
         for b in batches:
             seen.setdefault(tuple(b[0]["input_ids"].shape), b[0])
@@ -492,6 +499,10 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> list[Row
         if cfg.cudagraphs and cudagraph_twin(v):
             rows.append(run_variant(with_cudagraphs(v), 0, cfg, config, init_state, feats, eval_feats, device, peak,
                                     suffix=CG))
+            echo(format_rows(rows[-1:], header=False))
+        if cfg.static_widths and modeling.dynamic_widths(v):
+            rows.append(run_variant(v, 0, cfg, config, init_state, feats, eval_feats, device, peak, suffix=SW,
+                                    static_widths=True))
             echo(format_rows(rows[-1:], header=False))
     for r in rows:
         r.ratio = r.features_per_s / rows[0].features_per_s

@@ -283,7 +283,8 @@ def bench(**kw):
     if kw["purpose"] not in ("demo", "test", "real"):
         raise HpmlError(f"purpose must be one of demo, test, real, got {kw['purpose']!r}")
     run_bench(BenchConfig(**{**kw, "log": parse_bool("log", kw["log"]),
-                             "cudagraphs": parse_bool("cudagraphs", kw["cudagraphs"])}), echo=click.echo)
+                             "cudagraphs": parse_bool("cudagraphs", kw["cudagraphs"]),
+                             "static_widths": parse_bool("static_widths", kw["static_widths"])}), echo=click.echo)
 
 
 @main.command("score")

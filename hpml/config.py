@@ -96,6 +96,8 @@ BENCH_PARAMS: list[Param] = [
     Param("profile_steps", "int", 0, "profile this many steady steps per row (GPU busy share, top kernels)"),
     Param("cudagraphs", "string", "false", "true: each compiled padded variant also gets a row <id>+cg compiled "
           "with CUDA graphs (mode reduce-overhead), to show its kernels without the host's launch cost"),
+    Param("static_widths", "string", "false", "true: each compiled pad-to-longest variant (a4-nb, a4-b) also gets a "
+          "row <id>+sw compiled one graph per padded width (torch.compile's default) instead of one dynamic graph"),
     Param("out", "string", "", "folder for results.json and profiles; empty = none"),
     Param("log", "string", "true", "log a bench run with one child run per row to MLflow (true|false)"),
     Param("experiment", "string", "hpml-bench", "MLflow experiment for direct hpml commands"),

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -275,8 +276,6 @@ def trainer_class():
         def floating_point_ops(self, inputs):
             # The Trainer's total_flos, counted as it counts them (6 x tokens x non-embedding weights), with the
             # weight count taken once: its own walks every module of the model at every step.
-            from collections.abc import Mapping
-
             ids = inputs.get(getattr(self.model, "main_input_name", "input_ids")) if isinstance(inputs, Mapping) else None
             if not torch.is_tensor(ids) or not hasattr(self.model, "num_parameters"):
                 return super().floating_point_ops(inputs)
@@ -320,6 +319,14 @@ def trainer_class():
                 self._hpml_clip_params = [p for p in model.parameters() if p.requires_grad]
             self.accelerator.unscale_gradients()  # fp16's GradScaler; a no-op otherwise
             return torch.nn.utils.clip_grad_norm_(self._hpml_clip_params, self.args.max_grad_norm)
+
+        hpml_dynamic_widths = False  # compiled pad-to-longest variants (modeling.dynamic_widths)
+
+        def _prepare_inputs(self, inputs):
+            inputs = super()._prepare_inputs(inputs)
+            if self.hpml_dynamic_widths and isinstance(inputs, Mapping):
+                modeling.mark_dynamic(inputs)
+            return inputs
 
         def _prepare_input(self, data):
             # Batches come from pinned memory (workers + pin_memory): copy them without blocking the host, so
@@ -393,11 +400,13 @@ def build_trainer(spec: TaskSpec, variant: Variant, cfg: TrainConfig, built: mod
         return trainer
     if callbacks is None:  # a first signal stops at a step with a checkpoint
         callbacks = [make_callback(cfg.batch_size, device), signals.stop_callback()]
-    return trainer_class()(model=built.model, args=args, train_dataset=prep.train,
-                           eval_dataset=spec.eval_inputs(prep) if per_epoch else None,
-                           data_collator=collator(built.tokenizer, cfg, variant),
-                           compute_metrics=spec.epoch_metrics if per_epoch else None,
-                           callbacks=callbacks)
+    trainer = trainer_class()(model=built.model, args=args, train_dataset=prep.train,
+                              eval_dataset=spec.eval_inputs(prep) if per_epoch else None,
+                              data_collator=collator(built.tokenizer, cfg, variant),
+                              compute_metrics=spec.epoch_metrics if per_epoch else None,
+                              callbacks=callbacks)
+    trainer.hpml_dynamic_widths = modeling.dynamic_widths(variant) and args.torch_compile
+    return trainer
 
 
 def ran_with(trainer) -> dict[str, str]:

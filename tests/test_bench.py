@@ -73,6 +73,16 @@ def test_cudagraphs_rows_twin_only_compiled_padded_variants_in_mode_reduce_overh
     assert "cudagraphs" in cg.knobs() and "bucketed" in cg.knobs()
 
 
+def test_static_widths_rows_twin_only_compiled_pad_to_longest_variants():
+    from hpml.modeling import dynamic_widths
+    from hpml.variants import variants_for
+
+    twins = sorted(v.id for v in variants_for("squad") if dynamic_widths(v))
+    assert twins == ["a4-b", "a4-nb"]  # a3/b3 pad to max_length (one shape), a2 is not compiled, p* are packed
+    bad = CliRunner().invoke(main, ["bench", "--variants", "a2", "--static-widths", "maybe", *TINY])
+    assert bad.exit_code != 0 and bad.output.strip().splitlines()[-1].startswith("hpml: error: static_widths")
+
+
 def test_bench_cudagraphs_adds_no_row_for_uncompiled_or_packed_variants(tracking_uri):
     out = CliRunner().invoke(main, ["bench", "--variants", "a2,p0", "--max-tokens", "512", "--cudagraphs", "true",
                                     "--log", "false", *TINY])

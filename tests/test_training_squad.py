@@ -239,16 +239,29 @@ def test_bucketed_batches_are_length_grouped_and_eval_order_is_kept(squad_dir, t
                                    atol=atol)
 
 
-def test_compiled_bucketing_does_not_recompile_per_batch_shape(squad_dir, tracking_uri):
-    """Widths are rounded up to multiples of 64, so a compiled model sees at most max_length/64 shapes."""
+def test_compiled_pad_to_longest_compiles_one_graph_for_every_width(squad_dir, tracking_uri, monkeypatch):
+    """Batches reach the compiled model with batch size and width marked dynamic: one training graph serves
+    every padded width from its first compile, so no width met after the warm-up recompiles (without the
+    marks this run compiled 2 graphs, the second after warm-up: train_recompiles_after_warmup 1)."""
     from torch._dynamo.utils import counters
+    from hpml.data.batching import Collator
 
+    shapes, collate = [], Collator.__call__
+
+    def spy(self, rows):
+        batch = collate(self, rows)
+        shapes.append(tuple(batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(Collator, "__call__", spy)
     torch._dynamo.reset()
     counters.clear()
-    run_training(tiny_cfg("a4-b", squad_dir, max_steps=12, batch_size=4, max_length=256, max_eval_samples=8,
-                          register=False))
-    frames = counters["stats"]["unique_graphs"]
-    assert 0 < frames <= 256 // 64 * 2, frames  # train + eval graphs, each at most one per width
+    summary = run_training(tiny_cfg("a4-b", squad_dir, max_steps=12, batch_size=4, max_length=256,
+                                    max_eval_samples=8, register=False))
+    assert len({width for _, width in shapes}) >= 2, shapes  # the run met more than one padded width
+    assert all(width % 64 == 0 for _, width in shapes), shapes
+    assert summary["metrics"][tracking.M_RECOMPILES] == 0
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_predictions_and_null_odds_artifacts_score_like_hpml_score(squad_dir, tracking_uri, tmp_path):
