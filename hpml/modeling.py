@@ -275,15 +275,16 @@ def dynamic_widths(variant: Variant) -> bool:
 
 
 def mark_dynamic(batch) -> None:
-    """Mark every 2-D-or-more tensor of a batch dynamic in dims 0 (batch, smaller at an epoch's end) and 1
-    (the padded width), on the device copies the model is called with: one graph then serves every
-    shape from its first compile. A dim torch.compile must specialize anyway stays static (no error)."""
+    """Mark a batch's tensors dynamic in dim 0 (the batch, smaller at an epoch's end; the labels too) and
+    dim 1 of the 2-D ones (the padded width), on the device copies the model is called with: one graph then
+    serves every shape from its first compile. A dim torch.compile must specialize stays static (no error)."""
     import torch._dynamo
 
     for t in batch.values():
-        if torch.is_tensor(t) and t.dim() >= 2:
+        if torch.is_tensor(t) and t.dim() >= 1:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 1)
+            if t.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
 
 
 def trainer_arguments(variant: Variant, precision: str, device: str = "cpu") -> dict:
