@@ -125,6 +125,8 @@ SERIES_PARAMS: list[Param] = [
     Param("max_length", "string", "", "maximum tokens per sequence; empty = each task's default"),
     Param("lr", "string", "", "learning rate; empty = each variant's own"),
     Param("doc_stride", "int", 128, "SQuAD: overlap in tokens between consecutive windows"),
+    Param("save_steps", "int", 0, "each child saves a checkpoint every N steps (0 = once per epoch): a killed "
+          "child resumes from its last one when the series runs again"),
     Param("experiment", "string", "hpml-series",
           "MLflow experiment for direct hpml commands (under mlflow run use --experiment-name)"),
     Param("register", "string", "false", "register every child's model (true|false); off: a series measures"),

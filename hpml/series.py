@@ -145,7 +145,7 @@ def child_configs(variants: list[Variant], kw: dict, seeds: int, first_seed: int
                 batch_size=kw["batch_size"],
                 eval_batch_size=_int("eval_batch_size", kw["eval_batch_size"], d["eval_batch_size"]),
                 max_length=_int("max_length", kw["max_length"], d["max_length"]), lr=lr, seed=seed,
-                experiment="", register=register, purpose=kw["purpose"],
+                experiment="", register=register, purpose=kw["purpose"], save_steps=kw.get("save_steps", 0),
                 doc_stride=kw["doc_stride"] if v.task == "squad" else TrainConfig.doc_stride))
     return out
 
@@ -154,7 +154,8 @@ def cli_args(cfg: TrainConfig) -> list[str]:
     """The `hpml train-<task>` command line that trains exactly `cfg` (the child's own parser reads it)."""
     args = [f"train-{cfg.task}"]
     fields = ["variant", "model", "data_dir", "max_train_samples", "max_eval_samples", "epochs", "max_steps",
-              "batch_size", "eval_batch_size", "max_length", "lr", "seed", "experiment", "register", "purpose"]
+              "batch_size", "eval_batch_size", "max_length", "lr", "seed", "experiment", "register", "purpose",
+              "save_steps"]
     if cfg.task == "squad":
         fields += ["doc_stride", "n_best", "max_answer_length", "null_threshold"]
     for f in fields:
@@ -166,8 +167,8 @@ def cli_args(cfg: TrainConfig) -> list[str]:
 
 def series_key(name: str, kw: dict) -> str:
     """The parent's identity: the same NAME and training params find the same parent. Seeds are left out, so
-    `seeds=3` after `seeds=2` adds the third seed to the same series."""
-    keep = {k: str(v) for k, v in kw.items() if k not in ("seeds", "experiment", "out")}
+    `seeds=3` after `seeds=2` adds the third seed to the same series; so is how often children checkpoint."""
+    keep = {k: str(v) for k, v in kw.items() if k not in ("seeds", "experiment", "out", "save_steps")}
     return hashlib.sha256(json.dumps({"name": name.strip().lower(), **keep}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,11 +223,16 @@ def run_series(name: str, seeds: int, seed: int, out: str, experiment: str, **kw
             run = _done(existing[c.slot], c)
             click.echo(f"[{children.index(c) + 1}/{n_total}] {c.slot}: kept FINISHED run {run.info.run_id} "
                        "(same config hash, git commit and data fingerprint)")
+            _drop_checkpoints(existing[c.slot], keep=None)
     for stale in (r for runs in existing.values() for r in runs if r.info.status == "RUNNING"):
         client.set_terminated(stale.info.run_id, "KILLED")  # its process is gone: the series is ours now
     try:
         for c in todo:
-            status, run_id, took, why = _run_child(client, exp_id, parent_id, label, c, uri, n_done + 1, n_total)
+            attempts = existing.get(c.slot, [])
+            resume_id = _resumable(attempts, c)
+            _drop_checkpoints(attempts, keep=resume_id)
+            status, run_id, took, why = _run_child(client, exp_id, parent_id, label, c, uri, n_done + 1, n_total,
+                                                   resume_id)
             n_done += 1
             durations.append(took)
             left = len(todo) - len(durations)
@@ -244,7 +250,7 @@ def run_series(name: str, seeds: int, seed: int, out: str, experiment: str, **kw
         click.echo(f"report: {out_dir}/report.md (run {report_id})")
     if failed:
         raise SeriesFailed(f"{len(failed)} of {n_total} runs did not finish ({', '.join(failed)}): rerun the same "
-                           "command to retry only those")
+                           "command to retry only those (a killed one resumes from its last checkpoint)")
     return parent_id
 
 
@@ -302,6 +308,33 @@ def _done(runs: list, child: Child):
     return None
 
 
+def _resumable(runs: list, child: Child) -> Optional[str]:
+    """The run a killed attempt at `child` left with a complete checkpoint (same config hash, git commit and
+    data fingerprint), to continue rather than train again from step 0; None when there is none. A FAILED
+    attempt trains again from the start: what failed it would likely fail its resume too."""
+    from hpml import checkpoints
+
+    for r in runs:  # newest first
+        if r.info.status not in ("KILLED", "RUNNING"):  # RUNNING: its process is gone (marked KILLED above)
+            continue
+        if all(r.data.tags.get(k) == v for k, v in child.identity.items()) and \
+                checkpoints.last_checkpoint(r.data.tags.get(tracking.TAG_CHECKPOINT_DIR, "")):
+            return r.info.run_id
+    return None
+
+
+def _drop_checkpoints(runs: list, keep: Optional[str]) -> None:
+    """Checkpoints of a slot's earlier attempts that the series will never continue (it resumes `keep`, or
+    trains anew): without this each killed or failed attempt left its folder on disk for good."""
+    from hpml import checkpoints
+
+    for r in runs:
+        folder = r.data.tags.get(tracking.TAG_CHECKPOINT_DIR, "")
+        if r.info.run_id != keep and r.info.status != "FINISHED" and folder and os.path.isdir(folder):
+            checkpoints.remove(folder)
+            click.echo(f"removed the checkpoints of run {r.info.run_id} ({r.info.status}, not continued): {folder}")
+
+
 def _spawn(args: list[str], run_id: str, exp_id: str, uri: str, log_path: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": exp_id, "MLFLOW_TRACKING_URI": uri}
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
@@ -343,15 +376,24 @@ def _finish(client, run_id: str, proc: subprocess.Popen, log_path: str) -> str:
     return status
 
 
-def _run_child(client, exp_id, parent_id, label, c: Child, uri, index, total):
-    tags = {tracking.TAG_PARENT: parent_id, tracking.TAG_SERIES: label, tracking.TAG_SERIES_CHILD: c.slot,
-            tracking.TAG_TASK: c.cfg.task, tracking.TAG_VARIANT: c.cfg.variant, tracking.TAG_PURPOSE: c.cfg.purpose}
-    run = client.create_run(exp_id, run_name=c.cfg.variant, tags=tags)
-    run_id = run.info.run_id
-    log_path = os.path.join(tempfile.mkdtemp(prefix="hpml-series-"), "train.log")
+def _run_child(client, exp_id, parent_id, label, c: Child, uri, index, total, resume_id: Optional[str] = None):
+    """Train one child in a subprocess: a new run, or `hpml resume` of a killed attempt's run (resume_id)."""
+    if resume_id:
+        from hpml import checkpoints
+
+        run_id, args, log_name = resume_id, ["resume", resume_id], "resume.log"
+        at = checkpoints.last_checkpoint(client.get_run(run_id).data.tags[tracking.TAG_CHECKPOINT_DIR])
+        doing = f"resuming from {os.path.basename(at)}"
+    else:
+        tags = {tracking.TAG_PARENT: parent_id, tracking.TAG_SERIES: label, tracking.TAG_SERIES_CHILD: c.slot,
+                tracking.TAG_TASK: c.cfg.task, tracking.TAG_VARIANT: c.cfg.variant,
+                tracking.TAG_PURPOSE: c.cfg.purpose}
+        run_id = client.create_run(exp_id, run_name=c.cfg.variant, tags=tags).info.run_id
+        args, log_name, doing = cli_args(c.cfg), "train.log", "running"
+    log_path = os.path.join(tempfile.mkdtemp(prefix="hpml-series-"), log_name)
     t = time.time()
-    proc = _spawn(cli_args(c.cfg), run_id, exp_id, uri, log_path)
-    click.echo(f"[{index}/{total}] {c.slot}: running (pid {proc.pid}, run {run_id}, log {log_path})")
+    proc = _spawn(args, run_id, exp_id, uri, log_path)
+    click.echo(f"[{index}/{total}] {c.slot}: {doing} (pid {proc.pid}, run {run_id}, log {log_path})")
     status = _finish(client, run_id, proc, log_path)
     why = "" if status == "FINISHED" else f": {_last_error(log_path) or 'exit ' + str(proc.returncode)}"
     return status, run_id, time.time() - t, why

@@ -2,9 +2,12 @@
 parent, a child per variant × seed, the report last; a killed child is the only one a rerun trains again, and
 a complete series run again creates no child at all."""
 import csv
+import glob
 import os
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -86,7 +89,8 @@ def test_series_resumes_and_retries_only_the_killed_child(tracking_uri, tmp_path
     assert proc.wait(timeout=900) != 0 and killed, "\n".join(lines[-20:])
     out = "\n".join(lines)
     assert "[3/4] a2/seed42: KILLED" in out and "[4/4] a2/seed43: FINISHED" in out
-    assert "1 of 4 runs did not finish (a2/seed42): rerun the same command to retry only those" in out
+    assert ("1 of 4 runs did not finish (a2/seed42): rerun the same command to retry only those (a killed one "
+            "resumes from its last checkpoint)") in out
 
     client = MlflowClient(tracking_uri)
     runs = _runs(client)
@@ -129,3 +133,67 @@ def test_series_resumes_and_retries_only_the_killed_child(tracking_uri, tmp_path
     assert third.exit_code == 0 and "report: kept FINISHED run" in third.output, third.output[-2000:]
     assert third.output.count(": kept FINISHED run") == 5 and f"parent run {parent}" in third.output
     assert len([r for r in _runs(client) if r.data.tags.get(T.TAG_PARENT) == parent]) == 7
+
+
+def _attempt(run_id: str, status: str, folder: str, identity: dict):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status),
+                           data=SimpleNamespace(tags={T.TAG_CHECKPOINT_DIR: folder, **identity}))
+
+
+def test_a_killed_attempt_with_a_checkpoint_is_resumed_and_the_others_folders_removed(tmp_path, capsys):
+    from hpml.checkpoints import LOSS_FILE
+    from hpml.config import TrainConfig
+    from hpml.series import Child, _drop_checkpoints, _resumable
+
+    same = {T.TAG_CONFIG_HASH: "c1", T.TAG_FINGERPRINT: "f1", T.TAG_GIT_COMMIT: "g1"}
+    child = Child(TrainConfig(task="sst2", variant="fp32"), same)
+    folders = {}
+    for name, complete in (("killed", True), ("partial", False), ("failed", True), ("other-commit", True)):
+        folders[name] = tmp_path / "hpml-checkpoints" / name
+        (folders[name] / "checkpoint-4").mkdir(parents=True)
+        if complete:  # Trainer's files first, hpml's loss file last: without it a kill came mid-save
+            (folders[name] / "checkpoint-4" / LOSS_FILE).write_text("{}")
+    runs = [_attempt("partial", "KILLED", str(folders["partial"]), same),  # newest first
+            _attempt("other-commit", "KILLED", str(folders["other-commit"]), {**same, T.TAG_GIT_COMMIT: "g0"}),
+            _attempt("failed", "FAILED", str(folders["failed"]), same),
+            _attempt("killed", "KILLED", str(folders["killed"]), same)]
+    assert _resumable(runs, child) == "killed"
+    _drop_checkpoints(runs, keep="killed")
+    assert sorted(p.name for p in (tmp_path / "hpml-checkpoints").iterdir()) == ["killed"]
+    assert capsys.readouterr().out.count("removed the checkpoints of run") == 3
+    assert _resumable(runs[:3], child) is None  # no killed attempt of this code with a whole checkpoint
+
+
+@pytest.mark.slow
+def test_a_child_killed_after_a_checkpoint_resumes_in_its_own_run(tracking_uri, sst2_dir, tmp_path):
+    cmd = [sys.executable, "-m", "hpml.cli", "series", "fp32", "--model", "random:tiny", "--data-dir", str(sst2_dir),
+           "--max-steps", "40", "--save-steps", "2", "--batch-size", "4", "--eval-batch-size", "16",
+           "--max-length", "32", "--purpose", "test", "--out", str(tmp_path / "report")]
+    env = with_venv_path({**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines, run_id = [], None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if run_id is None and line.startswith("[1/1] fp32/seed42: running (pid "):
+            pid = int(line.split("(pid ", 1)[1].split(",", 1)[0])
+            run_id = line.split(", run ", 1)[1].split(",", 1)[0]
+            deadline = time.time() + 240
+            while not glob.glob(str(tmp_path / "hpml-checkpoints" / run_id / "checkpoint-*" / "hpml_loss.json")):
+                assert time.time() < deadline, "no checkpoint within 240 s"
+                time.sleep(0.005)
+            os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=600) == 1 and run_id, "\n".join(lines[-20:])
+    assert "[1/1] fp32/seed42: KILLED" in "\n".join(lines)
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[1/1] fp32/seed42: resuming from checkpoint-" in again.stdout and f"run {run_id}" in again.stdout
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and int(run.data.tags[T.TAG_RESUMED_AT]) >= 2
+    assert "eval_accuracy" in run.data.metrics
+    attempts = [r for r in _runs(client) if r.data.tags.get(T.TAG_SERIES_CHILD) == "fp32/seed42"]
+    assert [r.info.run_id for r in attempts] == [run_id]  # continued, not trained again in a new run
+    assert not (tmp_path / "hpml-checkpoints" / run_id).exists()  # a finished run deletes its checkpoints
