@@ -417,7 +417,6 @@ def run_variant(v: Variant, budget: int, cfg: BenchConfig, config, init_state, f
     row.peak_vram_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
     row.graphs = _graphs()
     row.eval_features_per_s = eval_speed(v, fwd, model, cfg, eval_feats, device, dtype)
-    del fwd, model, opt, batches, timed
     return row
 
 
