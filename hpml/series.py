@@ -229,10 +229,10 @@ def run_series(name: str, seeds: int, seed: int, out: str, experiment: str, **kw
     try:
         for c in todo:
             attempts = existing.get(c.slot, [])
-            resume_id = _resumable(attempts, c)
-            _drop_checkpoints(attempts, keep=resume_id)
+            resume = _resumable(attempts, c)
+            _drop_checkpoints(attempts, keep=resume[0] if resume else None)
             status, run_id, took, why = _run_child(client, exp_id, parent_id, label, c, uri, n_done + 1, n_total,
-                                                   resume_id)
+                                                   resume)
             n_done += 1
             durations.append(took)
             left = len(todo) - len(durations)
@@ -300,26 +300,31 @@ def _children_by_slot(client, exp_id, parent_id) -> dict[str, list]:
     return by
 
 
+def _same_identity(run, child: Child) -> bool:
+    """Whether `run` trained what `child` would (same config hash, git commit, data fingerprint)."""
+    return all(run.data.tags.get(k) == v for k, v in child.identity.items())
+
+
 def _done(runs: list, child: Child):
     """The FINISHED run that already did `child` (same config hash, git commit, data fingerprint), or None."""
     for r in runs:
-        if r.info.status == "FINISHED" and all(r.data.tags.get(k) == v for k, v in child.identity.items()):
+        if r.info.status == "FINISHED" and _same_identity(r, child):
             return r
     return None
 
 
-def _resumable(runs: list, child: Child) -> Optional[str]:
-    """The run a killed attempt at `child` left with a complete checkpoint (same config hash, git commit and
-    data fingerprint), to continue rather than train again from step 0; None when there is none. A FAILED
-    attempt trains again from the start: what failed it would likely fail its resume too."""
+def _resumable(runs: list, child: Child) -> Optional[tuple[str, str]]:
+    """(run ID, its last complete checkpoint) of a killed attempt at `child` with the same identity, to
+    continue rather than train again from step 0; None when there is none. A FAILED attempt trains again
+    from the start: what failed it would likely fail its resume too."""
     from hpml import checkpoints
 
     for r in runs:  # newest first
-        if r.info.status not in ("KILLED", "RUNNING"):  # RUNNING: its process is gone (marked KILLED above)
-            continue
-        if all(r.data.tags.get(k) == v for k, v in child.identity.items()) and \
-                checkpoints.last_checkpoint(r.data.tags.get(tracking.TAG_CHECKPOINT_DIR, "")):
-            return r.info.run_id
+        if r.info.status not in ("KILLED", "RUNNING") or not _same_identity(r, child):  # RUNNING: its
+            continue  # process is gone (marked KILLED above)
+        at = checkpoints.last_checkpoint(r.data.tags.get(tracking.TAG_CHECKPOINT_DIR, ""))
+        if at:
+            return r.info.run_id, at
     return None
 
 
@@ -376,14 +381,13 @@ def _finish(client, run_id: str, proc: subprocess.Popen, log_path: str) -> str:
     return status
 
 
-def _run_child(client, exp_id, parent_id, label, c: Child, uri, index, total, resume_id: Optional[str] = None):
-    """Train one child in a subprocess: a new run, or `hpml resume` of a killed attempt's run (resume_id)."""
-    if resume_id:
-        from hpml import checkpoints
-
-        run_id, args, log_name = resume_id, ["resume", resume_id], "resume.log"
-        at = checkpoints.last_checkpoint(client.get_run(run_id).data.tags[tracking.TAG_CHECKPOINT_DIR])
-        doing = f"resuming from {os.path.basename(at)}"
+def _run_child(client, exp_id, parent_id, label, c: Child, uri, index, total,
+               resume: Optional[tuple[str, str]] = None):
+    """Train one child in a subprocess: a new run, or `hpml resume` of a killed attempt's run (`resume`: its
+    ID and the checkpoint it continues from, as _resumable found them)."""
+    if resume:
+        run_id, at = resume
+        args, log_name, doing = ["resume", run_id], "resume.log", f"resuming from {os.path.basename(at)}"
     else:
         tags = {tracking.TAG_PARENT: parent_id, tracking.TAG_SERIES: label, tracking.TAG_SERIES_CHILD: c.slot,
                 tracking.TAG_TASK: c.cfg.task, tracking.TAG_VARIANT: c.cfg.variant,

@@ -159,7 +159,7 @@ def test_a_killed_attempt_with_a_checkpoint_is_resumed_and_the_others_folders_re
             _attempt("other-commit", "KILLED", str(folders["other-commit"]), {**same, T.TAG_GIT_COMMIT: "g0"}),
             _attempt("failed", "FAILED", str(folders["failed"]), same),
             _attempt("killed", "KILLED", str(folders["killed"]), same)]
-    assert _resumable(runs, child) == "killed"
+    assert _resumable(runs, child) == ("killed", str(folders["killed"] / "checkpoint-4"))
     _drop_checkpoints(runs, keep="killed")
     assert sorted(p.name for p in (tmp_path / "hpml-checkpoints").iterdir()) == ["killed"]
     assert capsys.readouterr().out.count("removed the checkpoints of run") == 3
